@@ -1,0 +1,178 @@
+"""Checkpoints (the whole training state, for resuming) and the standalone generator file.
+
+A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding what `accelerator.save_state` writes
+(G, D, both optimizers, the fp16 scaler, every process's RNG), the EMA generator as safetensors,
+and `trainer_state.json` (step, images seen, the model config). It is written under a staging name
+and renamed into place when complete, so a folder with the final name is always whole; a crash
+mid-write leaves only a staging folder, which is never resumed from.
+
+Nothing here unpickles: weights are safetensors, state is JSON, and Accelerate loads its files
+with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from distgan import __version__
+from distgan.ema import EMA
+from distgan.errors import UserError
+from distgan.models import Generator, ModelConfig
+
+STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+GENERATOR_WEIGHTS = "generator.safetensors"
+GENERATOR_META = "generator.json"
+GENERATOR_FORMAT = "distgan-generator"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """The JSON state of a checkpoint folder, checked to be one of ours."""
+    state_path = Path(path) / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+        ModelConfig.from_dict(state["model"])
+        int(state["step"])
+    except FileNotFoundError:
+        raise UserError(
+            f"{path} is not a complete distgan checkpoint (no {STATE_FILE}): pass a "
+            "checkpoints/step-* folder, or --resume auto"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{state_path} is unreadable ({err}): resume from another checkpoint"
+        ) from None
+    return state
+
+
+def save_checkpoint(
+    accelerator: Accelerator, root: Path, step: int, ema: EMA, state: dict, keep: int
+) -> Path:
+    """Write the checkpoint of `step` (call on every process), then keep only the newest `keep`."""
+    root = Path(root)
+    final = checkpoint_dir(root, step)
+    staging = root / f".staging-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=True)  # every process: its RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file(ema.state_dict(), str(staging / EMA_FILE))
+        _write_json_atomically(staging / STATE_FILE, state)  # the completion marker: last file
+        if final.exists():  # the same step saved before (e.g. a resumed run's end): replace it
+            shutil.rmtree(final)
+        staging.rename(final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path, ema: EMA) -> dict:
+    """Restore G, D, optimizers, scaler, RNG and EMA from a checkpoint folder; return its state."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    try:
+        accelerator.load_state(str(path))
+        ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(accelerator.device)))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"checkpoint {path} could not be loaded ({first_line}): resume from another checkpoint "
+            "(--resume PATH) or start a new run (--resume none with a new --out-dir)"
+        ) from None
+    return state
+
+
+def save_generator(
+    out_dir: str | Path, generator: Generator, *, step: int, images_seen: int
+) -> Path:
+    """Write `generator.safetensors` + `generator.json`: all that export and inference need."""
+    out_dir = Path(out_dir)
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()}
+    tmp = out_dir / f".{GENERATOR_WEIGHTS}.tmp-{os.getpid()}"
+    save_file(weights, str(tmp), metadata={"format": GENERATOR_FORMAT})
+    os.replace(tmp, out_dir / GENERATOR_WEIGHTS)
+    config = generator.config
+    _write_json_atomically(
+        out_dir / GENERATOR_META,
+        {
+            "format": GENERATOR_FORMAT,
+            "distgan_version": __version__,
+            "model": config.to_dict(),
+            "z_dim": config.z_dim,
+            "z_distribution": "normal(0, 1)",
+            "resolution": config.resolution,
+            "output": "float32 NCHW RGB in [-1, 1]",
+            "step": step,
+            "images_seen": images_seen,
+        },
+    )
+    return out_dir / GENERATOR_WEIGHTS
+
+
+def load_generator(path: str | Path) -> tuple[Generator, dict]:
+    """A Generator in eval mode from `generator.safetensors` (or the run folder holding it), and
+    the contents of its `generator.json`."""
+    path = Path(path)
+    weights_path = path / GENERATOR_WEIGHTS if path.is_dir() else path
+    meta_path = weights_path.with_name(GENERATOR_META)
+    if not weights_path.is_file():
+        raise UserError(
+            f"{weights_path} does not exist: pass a run folder or its {GENERATOR_WEIGHTS}"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != GENERATOR_FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}")
+        config = ModelConfig.from_dict(meta["model"])
+    except FileNotFoundError:
+        raise UserError(f"{meta_path} is missing: keep it next to {weights_path.name}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{meta_path} is not a distgan generator description ({err})") from None
+    generator = Generator(config)
+    try:
+        generator.load_state_dict(load_file(str(weights_path)))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"{weights_path} does not hold the weights {meta_path.name} describes ({first_line})"
+        ) from None
+    return generator.eval().requires_grad_(False), meta

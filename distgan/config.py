@@ -1,0 +1,321 @@
+"""Training configuration: documented dataclasses, a TOML file, and command-line flags over it.
+
+Precedence: dataclass defaults < `--config FILE.toml` < flags. Every field is a flag of the same
+name (`batch_size` -> `--batch-size`), documented by the field's docstring. Values are checked in
+`__post_init__`, so a bad value fails before any work with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from distgan.errors import UserError
+from distgan.losses import LOSSES
+from distgan.models import ModelConfig
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+def _require_positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name}={value!r} is not allowed: use a number > 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    data_dir: str | None = None
+    """Folder of JPEG/PNG images, searched recursively (e.g. CelebA's img_align_celeba/). Unset:
+    the built-in procedurally generated faces."""
+
+    crop_box: list[int] | None = None
+    """Crop [left, top, width, height] in source pixels before resizing (e.g. CelebA's face:
+    25 50 128 128). Unset: the centred largest square."""
+
+    flip: bool = True
+    """Random horizontal flips."""
+
+    num_threads: int = 2
+    """DALI CPU threads per process (decode on CPU, or the host side of GPU decode)."""
+
+    builtin_faces: int = 10_000
+    """How many built-in faces to render (once, then cached) when data_dir is unset."""
+
+    cache_dir: str | None = None
+    """Where the built-in faces are cached. Unset: $DISTGAN_CACHE, else ~/.cache/distgan."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "num_threads", "builtin_faces")
+        if self.crop_box is not None:
+            box = list(self.crop_box)
+            if len(box) != 4 or any(not isinstance(v, int) for v in box):
+                raise ValueError(
+                    f"crop_box={self.crop_box!r} is not allowed: give 4 integers "
+                    "[left, top, width, height]"
+                )
+            if box[0] < 0 or box[1] < 0 or box[2] <= 0 or box[3] <= 0:
+                raise ValueError(
+                    f"crop_box={box} is not allowed: left/top must be >= 0, width/height > 0"
+                )
+            self.crop_box = box
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation, the schedule of outputs, and where they go."""
+
+    out_dir: str = "runs/dcgan"
+    """Output folder: samples, metrics, checkpoints, the final generator."""
+
+    batch_size: int = 64
+    """Images per process per step; the global batch is this times the number of processes."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps. Unset: train for `epochs` epochs."""
+
+    epochs: int = 5
+    """Passes over the data when max_steps is unset."""
+
+    lr_g: float = 2e-4
+    """Adam learning rate of G."""
+
+    lr_d: float = 2e-4
+    """Adam learning rate of D."""
+
+    beta1: float = 0.5
+    """Adam beta1 (DCGAN: 0.5)."""
+
+    beta2: float = 0.999
+    """Adam beta2."""
+
+    loss: str = "bce"
+    """GAN loss: bce (non-saturating, with label smoothing), hinge, or wgan-gp."""
+
+    real_label: float = 0.9
+    """Target for real images in the bce loss; below 1 is one-sided label smoothing."""
+
+    gp_weight: float = 10.0
+    """Weight of the gradient penalty with loss=wgan-gp."""
+
+    mixed_precision: str = "auto"
+    """no, fp16 (CUDA only), bf16, or auto: the launcher's setting if it gave one, else bf16 where
+    the hardware computes it natively (recent CPUs and GPUs), else no."""
+
+    seed: int = 0
+    """Seed of everything: data order, flips, z (offset per process), init."""
+
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of G's weights, used for samples and export."""
+
+    log_every: int = 10
+    """Steps between lines of metrics.jsonl (and the only steps that sync with the device)."""
+
+    sample_every: int = 100
+    """Steps between sample grids in samples/."""
+
+    ckpt_every: int = 500
+    """Steps between checkpoints (one is always written at the end)."""
+
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+
+    num_samples: int = 64
+    """Images in each sample grid (fixed z, so grids are comparable across steps)."""
+
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in out_dir, if any; none: start fresh
+    (refused if out_dir already holds checkpoints); or the path of a checkpoint folder."""
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            self, "batch_size", "max_steps", "epochs", "lr_g", "lr_d", "gp_weight", "log_every",
+            "sample_every", "ckpt_every", "keep_checkpoints", "num_samples",
+        )  # fmt: skip
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not allowed: use one of {', '.join(LOSSES)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r} is not allowed: "
+                f"use one of {', '.join(MIXED_PRECISION)}"
+            )
+        for name in ("beta1", "beta2", "ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} is not allowed: use 0 <= x < 1")
+        if not 0.0 < self.real_label <= 1.0:
+            raise ValueError(f"real_label={self.real_label} is not allowed: use 0 < x <= 1")
+        if not self.resume:
+            raise ValueError("resume='' is not allowed: use auto, none, or a checkpoint folder")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything a training run needs; TOML sections [model], [data], [train]."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        """Sections of plain values, unset (None) fields left out since TOML has no null."""
+        return {
+            name: {
+                k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if v is not None
+            }
+            for name in SECTIONS
+        }
+
+    def save_toml(self, path: str | Path) -> None:
+        Path(path).write_text(tomli_w.dumps(self.to_dict()))
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(hint) -> tuple[type, bool]:
+    """(the type a flag parses, whether None is allowed) for hints like `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _add_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+    group = parser.add_argument_group(f"[{section}]", summary)
+    for f in dataclasses.fields(cls):
+        base, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kwargs.update(type=typing.get_args(base)[0], nargs="+", metavar="N")
+        else:
+            kwargs.update(type=base, metavar=base.__name__.upper())
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Train a DCGAN on a folder of face images (or the built-in faces). Run under "
+        "`accelerate launch` for several processes; plain `python` runs one.",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="TOML file with [model] [data] [train] sections; "
+        "flags given on the command line override it",
+    )  # fmt: skip
+    for section, cls in SECTIONS.items():
+        _add_flags(parser, section, cls)
+    return parser
+
+
+def _check_keys(section: str, values: dict, cls: type) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+            raise UserError(f"unknown key {key!r} in [{section}]{hint}")
+
+
+def load_toml(path: str | Path) -> dict[str, dict]:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist: check the --config path") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, list(SECTIONS), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else ""
+            raise UserError(
+                f"unknown section [{section}] in {path}: use [model], [data], [train]{hint}"
+            )
+        if not isinstance(values, dict):
+            raise UserError(f"{section} in {path} must be a [{section}] table")
+        _check_keys(section, values, SECTIONS[section])
+    return raw
+
+
+def make_config(sections: dict[str, dict] | None = None, **overrides) -> Config:
+    """A Config from section dicts plus flat field overrides (any section's field by name)."""
+    merged = {name: dict((sections or {}).get(name, {})) for name in SECTIONS}
+    owner = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for key, value in overrides.items():
+        if key not in owner:
+            close = difflib.get_close_matches(key, list(owner), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown config key {key!r}{hint}")
+        merged[owner[key]][key] = value
+    for name, cls in SECTIONS.items():
+        _check_types(name, merged[name], cls)
+    try:
+        return Config(**{name: cls(**merged[name]) for name, cls in SECTIONS.items()})
+    except ValueError as err:  # a value rejected by a section's __post_init__
+        raise UserError(str(err)) from None
+
+
+def _check_types(section: str, values: dict, cls: type) -> None:
+    """TOML values must have the field's type: a clear error beats a crash deep in training."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        base, optional = _base_type(hints[key])
+        if value is None and optional:
+            continue
+        expected = list if typing.get_origin(base) is list else base
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+            ok = True
+        if not ok:
+            raise UserError(
+                f"{key}={value!r} in [{section}] is not allowed: expected {expected.__name__}"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """The Config for a command line: defaults, then --config FILE, then the flags given."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    sections = load_toml(config_file) if config_file else {}
+    return make_config(sections, **args)

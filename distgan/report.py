@@ -1,0 +1,73 @@
+"""What a run shows its user: sample grids, metrics.jsonl, the losses plot (main process only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through a temporary file and rename it over `path`: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_grid(images: torch.Tensor, path: str | Path) -> None:
+    """Save images in [-1, 1], NCHW, as one square-ish PNG grid."""
+    nrow = math.ceil(math.sqrt(images.shape[0]))
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True,
+                     value_range=(-1, 1))  # fmt: skip
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    _replace_atomically(Path(path), lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file; a half-written last line (a crash mid-write) is ignored."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Redraw the losses and D outputs over steps from metrics.jsonl. After a resume the steps
+    logged again replace the earlier ones, so the curve has no doubled-back segment."""
+    by_step = {r["step"]: r for r in read_jsonl(metrics_path) if "loss_d" in r}
+    if not by_step:
+        return
+    records = [by_step[s] for s in sorted(by_step)]
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_d) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax_loss.plot(steps, [r["loss_d"] for r in records], label="loss D")
+    ax_loss.plot(steps, [r["loss_g"] for r in records], label="loss G")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_d.plot(steps, [r["d_real"] for r in records], label="D(x)")
+    ax_d.plot(steps, [r["d_fake"] for r in records], label="D(G(z))")
+    ax_d.set_ylabel("mean sigmoid(D)")
+    ax_d.set_xlabel("step")
+    ax_d.legend()
+    fig.tight_layout()
+    _replace_atomically(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
