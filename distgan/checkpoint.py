@@ -88,8 +88,8 @@ def save_checkpoint(
     final = checkpoint_dir(root, step)
     staging = root / f".staging-{final.name}"
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=True)  # every process: its RNG state
     accelerator.wait_for_everyone()

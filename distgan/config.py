@@ -44,7 +44,7 @@ class DataConfig:
 
     crop_box: list[int] | None = None
     """Crop [left, top, width, height] in source pixels before resizing (e.g. CelebA's face:
-    25 50 128 128). Unset: the centred largest square."""
+    35 55 108 108). Unset: the centred largest square."""
 
     flip: bool = True
     """Random horizontal flips."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from distgan.config import Config, parse_args
 from distgan.data import ImageLoader, find_images
 from distgan.ema import EMA
 from distgan.errors import UserError
-from distgan.faces import ensure_builtin_faces
+from distgan.faces import builtin_faces_dir, ensure_builtin_faces
 from distgan.losses import d_loss, g_loss, gradient_penalty
 from distgan.models import Discriminator, Generator, ModelConfig
 from distgan.report import append_jsonl, plot_losses, save_grid
@@ -80,8 +81,12 @@ def train(cfg: Config) -> Path:
     mixed_precision = resolve_mixed_precision(tc.mixed_precision)
     # D runs three times per step (real, fake, fake for G) with BatchNorm: broadcasting buffers
     # on each forward would break autograd, so every process keeps its own BN statistics.
+    # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which Accelerate's kwargs
+    # handler cannot pass yet; its own text says to keep broadcast_buffers=False for local buffers.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
+        cpu=not torch.cuda.is_available(),  # without it, CPU processes would not form a group
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     device, is_main = accelerator.device, accelerator.is_main_process
@@ -104,7 +109,8 @@ def train(cfg: Config) -> Path:
     if data_dir is None:
         render_size = max(128, model_cfg.resolution)
         if accelerator.is_local_main_process:
-            accelerator.print(f"rendering {dc.builtin_faces} built-in faces (once) ...")
+            if not builtin_faces_dir(dc.builtin_faces, render_size, dc.cache_dir).is_dir():
+                print(f"rendering {dc.builtin_faces} built-in faces (once) ...", flush=True)
             ensure_builtin_faces(dc.builtin_faces, render_size, dc.cache_dir)
         accelerator.wait_for_everyone()
         data_dir = ensure_builtin_faces(dc.builtin_faces, render_size, dc.cache_dir)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny image folders made on the fly (no dataset can be downloaded here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def solid_colour(index: int) -> tuple[int, int, int]:
+    """A colour that encodes `index` (< 216), far enough from its neighbours to survive JPEG."""
+    return (index % 6 * 51, index // 6 % 6 * 51, index // 36 % 6 * 51)
+
+
+def colour_index(pixel_rgb) -> int:
+    """The inverse of solid_colour for a decoded pixel in [0, 255]."""
+    r, g, b = (int(round(c / 51)) for c in pixel_rgb)
+    return r + 6 * g + 36 * b
+
+
+def write_images(folder: Path, count: int, size=(40, 30), fmt="JPEG", start=0) -> list[Path]:
+    """`count` solid-colour images named by index (a subfolder every 10, to test recursion)."""
+    paths = []
+    for i in range(start, start + count):
+        sub = folder / f"part{i // 10}"
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"{i:04d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        Image.new("RGB", size, solid_colour(i)).save(path, format=fmt, quality=95)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path: Path) -> Path:
+    """24 solid-colour JPEGs of 40x30 px in subfolders."""
+    write_images(tmp_path / "jpegs", 24)
+    return tmp_path / "jpegs"
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """JPEGs, PNGs (RGB and RGBA), a grayscale JPEG and a non-image file, at odd sizes."""
+    folder = tmp_path / "mixed"
+    write_images(folder, 6, size=(50, 70))
+    write_images(folder, 4, size=(33, 33), fmt="PNG", start=6)
+    Image.new("L", (64, 48), 128).save(folder / "gray.jpg", quality=95)
+    Image.new("RGBA", (40, 40), (255, 0, 0, 255)).save(folder / "alpha.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def faces_cache(tmp_path_factory) -> Path:
+    """A cache folder holding a small set of built-in faces, rendered once per test session."""
+    from distgan.faces import ensure_builtin_faces
+
+    cache = tmp_path_factory.mktemp("faces-cache")
+    ensure_builtin_faces(240, 128, cache)
+    return cache
+
+
+def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 600, env=None):
+    """Run the real entry point as a user would; return the CompletedProcess (never raises)."""
+    command = [*(launcher or [sys.executable]), str(REPO / "launch" / "train.py"), *map(str, args)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )
+
+
+def image_array(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))

@@ -1,0 +1,75 @@
+"""Checkpoints and generator files: generator round trip, finding the newest complete checkpoint
+(staging folders ignored), and clear errors for missing, corrupt or foreign files."""
+
+import json
+
+import pytest
+import torch
+
+from distgan.checkpoint import (
+    GENERATOR_META,
+    GENERATOR_WEIGHTS,
+    STATE_FILE,
+    list_checkpoints,
+    load_generator,
+    read_trainer_state,
+    save_generator,
+)
+from distgan.errors import UserError
+from distgan.models import Generator, ModelConfig
+
+
+def test_generator_round_trip(tmp_path):
+    config = ModelConfig(resolution=32, g_channels=8, z_dim=16)
+    generator = Generator(config).eval()
+    save_generator(tmp_path, generator, step=7, images_seen=448)
+    loaded, meta = load_generator(tmp_path)
+    assert meta["step"] == 7 and meta["z_dim"] == 16 and meta["resolution"] == 32
+    assert meta["model"] == config.to_dict()
+    z = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(z), generator(z), rtol=0, atol=0)
+    assert not loaded.training
+    assert sorted(p.name for p in tmp_path.iterdir()) == [GENERATOR_META, GENERATOR_WEIGHTS]
+
+
+def test_generator_errors_are_clear(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_generator(tmp_path)
+    save_generator(tmp_path, Generator(ModelConfig(resolution=32, g_channels=8)), step=1, images_seen=1)
+    (tmp_path / GENERATOR_WEIGHTS).write_bytes(b"\x00" * 64)  # truncated / corrupt
+    with pytest.raises(UserError, match="does not hold the weights"):
+        load_generator(tmp_path)
+    (tmp_path / GENERATOR_META).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(UserError, match="not a distgan generator description"):
+        load_generator(tmp_path)
+    (tmp_path / GENERATOR_META).unlink()
+    with pytest.raises(UserError, match="is missing"):
+        load_generator(tmp_path / GENERATOR_WEIGHTS)
+
+
+def test_generator_with_other_shape_is_refused(tmp_path):
+    save_generator(tmp_path, Generator(ModelConfig(resolution=32, g_channels=8)), step=1, images_seen=1)
+    meta = json.loads((tmp_path / GENERATOR_META).read_text())
+    meta["model"]["g_channels"] = 16
+    (tmp_path / GENERATOR_META).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="does not hold the weights"):
+        load_generator(tmp_path)
+
+
+def test_only_complete_checkpoints_are_listed(tmp_path):
+    state = {"step": 0, "model": ModelConfig().to_dict()}
+    for step in (5, 30, 10):
+        folder = tmp_path / f"step-{step:08d}"
+        folder.mkdir()
+        (folder / STATE_FILE).write_text(json.dumps({**state, "step": step}))
+    (tmp_path / "step-00000040").mkdir()  # no completion marker: a crash mid-write
+    (tmp_path / ".staging-step-00000050").mkdir()
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["step-00000005", "step-00000010", "step-00000030"]
+    assert read_trainer_state(found[-1])["step"] == 30
+    assert list_checkpoints(tmp_path / "missing") == []
+    with pytest.raises(UserError, match="not a complete distgan checkpoint"):
+        read_trainer_state(tmp_path / "step-00000040")
+    (found[0] / STATE_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="is unreadable"):
+        read_trainer_state(found[0])

@@ -1,0 +1,104 @@
+"""Config: defaults, TOML file, flags over the file, the documented --help, and one-line errors
+for bad values, unknown keys (with a suggestion) and wrong types."""
+
+import subprocess
+import sys
+
+import pytest
+
+from distgan.config import SECTIONS, Config, build_parser, field_docs, load_toml, parse_args
+from distgan.errors import UserError
+
+
+def test_defaults():
+    config = parse_args([])
+    assert config.model.resolution == 64 and config.model.z_dim == 100
+    assert config.train.lr_g == config.train.lr_d == 2e-4
+    assert (config.train.beta1, config.train.beta2) == (0.5, 0.999)
+    assert config.train.loss == "bce" and config.train.real_label == 0.9
+    assert config.train.resume == "auto" and config.data.data_dir is None
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nresolution = 32\n[train]\nbatch_size = 16\nlr_g = 1\nloss = "hinge"\n')
+    config = parse_args(["--config", str(path), "--batch-size", "8", "--no-flip"])
+    assert config.model.resolution == 32  # from the file
+    assert config.train.batch_size == 8  # the flag wins
+    assert config.train.lr_g == 1.0 and isinstance(config.train.lr_g, float)
+    assert config.train.loss == "hinge" and config.data.flip is False
+
+
+def test_saved_toml_round_trips(tmp_path):
+    config = parse_args(["--crop-box", "25", "50", "128", "128", "--max-steps", "7"])
+    config.save_toml(tmp_path / "config.toml")
+    again = parse_args(["--config", str(tmp_path / "config.toml")])
+    assert again == config
+
+
+def test_every_field_has_a_documented_flag():
+    help_text = build_parser().format_help()
+    for cls in SECTIONS.values():
+        docs = field_docs(cls)
+        for name in cls.__dataclass_fields__:
+            assert docs.get(name), f"{cls.__name__}.{name} has no docstring"
+            assert "--" + name.replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resolution", "48"], "resolution=48 is not allowed"),
+        (["--lr-d", "0"], "lr_d=0.0 is not allowed"),
+        (["--batch-size", "-4"], "batch_size=-4 is not allowed"),
+        (["--max-steps", "0"], "max_steps=0 is not allowed"),
+        (["--loss", "wgan"], "loss='wgan' is not allowed: use one of bce, hinge, wgan-gp"),
+        (["--mixed-precision", "fp8"], "mixed_precision='fp8'"),
+        (["--crop-box", "1", "2", "3"], "crop_box=[1, 2, 3]"),
+        (["--ema-decay", "1.5"], "ema_decay=1.5"),
+    ],
+)
+def test_bad_values_fail_with_the_key_and_the_fix(argv, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_args(argv)
+
+
+def test_unknown_toml_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nbatch_sise = 3\n")
+    with pytest.raises(UserError, match="unknown key 'batch_sise' in \\[train\\]; did you mean 'batch_size'"):
+        load_toml(path)
+    path.write_text("[optim]\nlr = 3\n")
+    with pytest.raises(UserError, match="unknown section \\[optim\\]"):
+        load_toml(path)
+
+
+def test_wrong_type_and_bad_files(tmp_path):
+    path = tmp_path / "typed.toml"
+    path.write_text('[train]\nbatch_size = "64"\n')
+    with pytest.raises(UserError, match="batch_size='64' in \\[train\\] is not allowed: expected int"):
+        parse_args(["--config", str(path)])
+    path.write_text("[train\n")
+    with pytest.raises(UserError, match="is not valid TOML"):
+        load_toml(path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_entry_point_prints_one_line_and_exits_2():
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "--resolution", "100"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: resolution=100 is not allowed: use a power of two from 32 to 256 (32, 64, 128, 256)"
+    ]
+
+
+def test_example_celeba_config_loads():
+    from conftest import REPO
+
+    config = parse_args(["--config", str(REPO / "launch" / "configs" / "celeba64.toml")])
+    assert isinstance(config, Config) and config.model.resolution == 64
+    assert config.data.crop_box is not None

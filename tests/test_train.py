@@ -1,0 +1,129 @@
+"""The trainer end to end, run as a user runs it (`python launch/train.py`, and `accelerate launch`
+with 2 CPU processes): the files a run writes, resume equal to an uninterrupted run, bf16
+autocast on CPU, every loss, and clear errors for bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import image_array, run_train
+from safetensors.torch import load_file
+
+from distgan.checkpoint import list_checkpoints, load_generator
+
+pytestmark = pytest.mark.slow
+
+
+def small_run(out_dir, faces_cache, *extra):
+    return [
+        "--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240",
+        "--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8",
+        "--log-every", "5", "--sample-every", "10", "--ckpt-every", "10", *extra,
+    ]  # fmt: skip
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_samples_metrics_checkpoints_and_generator(tmp_path, faces_cache):
+    out = tmp_path / "run"
+    result = run_train(*small_run(out, faces_cache, "--max-steps", "30", "--keep-checkpoints", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "real.png", "step-00000010.png", "step-00000020.png", "step-00000030.png",
+    ]  # fmt: skip
+    grid = image_array(out / "samples" / "step-00000030.png")
+    assert grid.shape[0] > 8 * 32 and grid.std() > 5  # 64 samples of 32 px, not blank
+    records = metrics(out)
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    for key in ("epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "images_per_sec",
+                "lr_g", "lr_d", "wall_time"):  # fmt: skip
+        assert key in records[-1], key
+    assert records[-1]["images_seen"] == 30 * 8 and records[-1]["images_per_sec"] > 0
+    assert (out / "losses.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
+        "step-00000020", "step-00000030",
+    ]  # fmt: skip
+    assert "[train]" in (out / "config.toml").read_text()
+    generator, meta = load_generator(out)
+    assert meta["step"] == 30 and meta["resolution"] == 32
+    images = generator(torch.randn(4, meta["z_dim"]))
+    assert images.shape == (4, 3, 32, 32) and images.abs().max() <= 1
+    assert "error" not in result.stderr.lower()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, faces_cache):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(*small_run(straight, faces_cache, "--max-steps", "20")).returncode == 0
+    assert run_train(*small_run(resumed, faces_cache, "--max-steps", "10")).returncode == 0
+    result = run_train(*small_run(resumed, faces_cache, "--max-steps", "20"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "steps 10 -> 20" in result.stdout
+    # Same data order, z, flips, optimizer and RNG state: bitwise the same weights.
+    for name in ("generator.safetensors", "checkpoints/step-00000020/model_1.safetensors",
+                 "checkpoints/step-00000020/ema.safetensors"):  # fmt: skip
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["loss_d"] for r in metrics(straight)] == [r["loss_d"] for r in metrics(resumed)]
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, faces_cache):
+    from accelerate import Accelerator
+
+    from distgan.models import Discriminator, ModelConfig
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    discriminator = Discriminator(ModelConfig(resolution=32, d_channels=8))
+    inner_dtypes = []
+    discriminator.net[0].register_forward_hook(lambda m, i, out: inner_dtypes.append(out.dtype))
+    prepared = accelerator.prepare(discriminator)
+    assert prepared(torch.randn(2, 3, 32, 32)).dtype == torch.float32  # cast back for the loss
+    assert inner_dtypes == [torch.bfloat16]  # but the convolutions ran under bf16 autocast
+    out = tmp_path / "bf16"
+    result = run_train(*small_run(out, faces_cache, "--max-steps", "10", "--mixed-precision", "bf16"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precision bf16" in result.stdout
+    assert all(torch.isfinite(torch.tensor([r["loss_d"], r["loss_g"]])).all() for r in metrics(out))
+
+
+@pytest.mark.parametrize("loss", ["hinge", "wgan-gp"])
+def test_other_losses_train(tmp_path, faces_cache, loss):
+    out = tmp_path / loss
+    result = run_train(*small_run(out, faces_cache, "--max-steps", "10", "--loss", loss,
+                                  "--d-spectral-norm", "--d-dropout", "0.1"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics(out)
+    assert len(records) == 2 and all(abs(r["loss_d"]) < 1e4 for r in records)
+
+
+def test_two_process_ddp_on_cpu(tmp_path, faces_cache):
+    out = tmp_path / "ddp"
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    result = run_train(*small_run(out, faces_cache, "--max-steps", "10"), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "global 16" in result.stdout
+    assert result.stdout.count("done: step 10") == 1  # only the main process prints
+    checkpoint = out / "checkpoints" / "step-00000010"
+    assert (checkpoint / "random_states_0.pkl").is_file()
+    assert (checkpoint / "random_states_1.pkl").is_file()
+    assert metrics(out)[-1]["images_seen"] == 10 * 16
+
+
+def test_bad_input_fails_early_with_one_line(tmp_path, faces_cache):
+    missing = run_train("--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "x")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: data_dir")
+    assert "does not exist" in missing.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
+    fp16 = run_train("--mixed-precision", "fp16", "--out-dir", tmp_path / "y")
+    assert fp16.returncode == 2 and "fp16 needs a CUDA GPU" in fp16.stderr
+
+    out = tmp_path / "done"
+    assert run_train(*small_run(out, faces_cache, "--max-steps", "10")).returncode == 0
+    again = run_train(*small_run(out, faces_cache, "--max-steps", "10", "--resume", "none"))
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    bad = run_train(*small_run(out, faces_cache, "--resume", tmp_path / "nope"))
+    assert bad.returncode == 2 and "not a complete distgan checkpoint" in bad.stderr
