@@ -35,7 +35,9 @@ def test_generator_round_trip(tmp_path):
 def test_generator_errors_are_clear(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_generator(tmp_path)
-    save_generator(tmp_path, Generator(ModelConfig(resolution=32, g_channels=8)), step=1, images_seen=1)
+    save_generator(
+        tmp_path, Generator(ModelConfig(resolution=32, g_channels=8)), step=1, images_seen=1
+    )
     (tmp_path / GENERATOR_WEIGHTS).write_bytes(b"\x00" * 64)  # truncated / corrupt
     with pytest.raises(UserError, match="does not hold the weights"):
         load_generator(tmp_path)
@@ -48,7 +50,9 @@ def test_generator_errors_are_clear(tmp_path):
 
 
 def test_generator_with_other_shape_is_refused(tmp_path):
-    save_generator(tmp_path, Generator(ModelConfig(resolution=32, g_channels=8)), step=1, images_seen=1)
+    save_generator(
+        tmp_path, Generator(ModelConfig(resolution=32, g_channels=8)), step=1, images_seen=1
+    )
     meta = json.loads((tmp_path / GENERATOR_META).read_text())
     meta["model"]["g_channels"] = 16
     (tmp_path / GENERATOR_META).write_text(json.dumps(meta))

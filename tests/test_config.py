@@ -21,7 +21,9 @@ def test_defaults():
 
 def test_flags_override_the_file(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[model]\nresolution = 32\n[train]\nbatch_size = 16\nlr_g = 1\nloss = "hinge"\n')
+    path.write_text(
+        '[model]\nresolution = 32\n[train]\nbatch_size = 16\nlr_g = 1\nloss = "hinge"\n'
+    )
     config = parse_args(["--config", str(path), "--batch-size", "8", "--no-flip"])
     assert config.model.resolution == 32  # from the file
     assert config.train.batch_size == 8  # the flag wins
@@ -66,7 +68,9 @@ def test_bad_values_fail_with_the_key_and_the_fix(argv, message):
 def test_unknown_toml_key_suggests_the_right_one(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nbatch_sise = 3\n")
-    with pytest.raises(UserError, match="unknown key 'batch_sise' in \\[train\\]; did you mean 'batch_size'"):
+    with pytest.raises(
+        UserError, match="unknown key 'batch_sise' in \\[train\\]; did you mean 'batch_size'"
+    ):
         load_toml(path)
     path.write_text("[optim]\nlr = 3\n")
     with pytest.raises(UserError, match="unknown section \\[optim\\]"):
@@ -76,7 +80,9 @@ def test_unknown_toml_key_suggests_the_right_one(tmp_path):
 def test_wrong_type_and_bad_files(tmp_path):
     path = tmp_path / "typed.toml"
     path.write_text('[train]\nbatch_size = "64"\n')
-    with pytest.raises(UserError, match="batch_size='64' in \\[train\\] is not allowed: expected int"):
+    with pytest.raises(
+        UserError, match="batch_size='64' in \\[train\\] is not allowed: expected int"
+    ):
         parse_args(["--config", str(path)])
     path.write_text("[train\n")
     with pytest.raises(UserError, match="is not valid TOML"):

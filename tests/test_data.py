@@ -105,7 +105,9 @@ def test_uneven_data_gives_every_rank_the_same_steps(tmp_path):
 
 def test_resume_mid_epoch_continues_the_same_stream(jpeg_folder):
     files = find_images(jpeg_folder)
-    full = [b.clone() for b in loader(files, flip=True, shard_id=1, num_shards=2, batch_size=3).epoch(2)]
+    full = [
+        b.clone() for b in loader(files, flip=True, shard_id=1, num_shards=2, batch_size=3).epoch(2)
+    ]
     resumed = [
         b.clone()
         for b in loader(files, flip=True, shard_id=1, num_shards=2, batch_size=3).epoch(2, 2)

@@ -16,10 +16,28 @@ pytestmark = pytest.mark.slow
 
 def small_run(out_dir, faces_cache, *extra):
     return [
-        "--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240",
-        "--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8",
-        "--log-every", "5", "--sample-every", "10", "--ckpt-every", "10", *extra,
-    ]  # fmt: skip
+        "--out-dir",
+        out_dir,
+        "--cache-dir",
+        faces_cache,
+        "--builtin-faces",
+        "240",
+        "--resolution",
+        "32",
+        "--g-channels",
+        "16",
+        "--d-channels",
+        "16",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "5",
+        "--sample-every",
+        "10",
+        "--ckpt-every",
+        "10",
+        *extra,
+    ]
 
 
 def metrics(out_dir):
@@ -31,20 +49,34 @@ def test_run_writes_samples_metrics_checkpoints_and_generator(tmp_path, faces_ca
     result = run_train(*small_run(out, faces_cache, "--max-steps", "30", "--keep-checkpoints", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
-        "real.png", "step-00000010.png", "step-00000020.png", "step-00000030.png",
-    ]  # fmt: skip
+        "real.png",
+        "step-00000010.png",
+        "step-00000020.png",
+        "step-00000030.png",
+    ]
     grid = image_array(out / "samples" / "step-00000030.png")
     assert grid.shape[0] > 8 * 32 and grid.std() > 5  # 64 samples of 32 px, not blank
     records = metrics(out)
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
-    for key in ("epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "images_per_sec",
-                "lr_g", "lr_d", "wall_time"):  # fmt: skip
+    for key in (
+        "epoch",
+        "images_seen",
+        "loss_d",
+        "loss_g",
+        "d_real",
+        "d_fake",
+        "images_per_sec",
+        "lr_g",
+        "lr_d",
+        "wall_time",
+    ):
         assert key in records[-1], key
     assert records[-1]["images_seen"] == 30 * 8 and records[-1]["images_per_sec"] > 0
     assert (out / "losses.png").stat().st_size > 1000
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
-        "step-00000020", "step-00000030",
-    ]  # fmt: skip
+        "step-00000020",
+        "step-00000030",
+    ]
     assert "[train]" in (out / "config.toml").read_text()
     generator, meta = load_generator(out)
     assert meta["step"] == 30 and meta["resolution"] == 32
@@ -61,8 +93,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, faces_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps 10 -> 20" in result.stdout
     # Same data order, z, flips, optimizer and RNG state: bitwise the same weights.
-    for name in ("generator.safetensors", "checkpoints/step-00000020/model_1.safetensors",
-                 "checkpoints/step-00000020/ema.safetensors"):  # fmt: skip
+    for name in (
+        "generator.safetensors",
+        "checkpoints/step-00000020/model_1.safetensors",
+        "checkpoints/step-00000020/ema.safetensors",
+    ):
         a, b = load_file(straight / name), load_file(resumed / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -82,7 +117,9 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, faces_cache):
     assert prepared(torch.randn(2, 3, 32, 32)).dtype == torch.float32  # cast back for the loss
     assert inner_dtypes == [torch.bfloat16]  # but the convolutions ran under bf16 autocast
     out = tmp_path / "bf16"
-    result = run_train(*small_run(out, faces_cache, "--max-steps", "10", "--mixed-precision", "bf16"))
+    result = run_train(
+        *small_run(out, faces_cache, "--max-steps", "10", "--mixed-precision", "bf16")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision bf16" in result.stdout
     assert all(torch.isfinite(torch.tensor([r["loss_d"], r["loss_g"]])).all() for r in metrics(out))
@@ -91,8 +128,19 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, faces_cache):
 @pytest.mark.parametrize("loss", ["hinge", "wgan-gp"])
 def test_other_losses_train(tmp_path, faces_cache, loss):
     out = tmp_path / loss
-    result = run_train(*small_run(out, faces_cache, "--max-steps", "10", "--loss", loss,
-                                  "--d-spectral-norm", "--d-dropout", "0.1"))  # fmt: skip
+    result = run_train(
+        *small_run(
+            out,
+            faces_cache,
+            "--max-steps",
+            "10",
+            "--loss",
+            loss,
+            "--d-spectral-norm",
+            "--d-dropout",
+            "0.1",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics(out)
     assert len(records) == 2 and all(abs(r["loss_d"]) < 1e4 for r in records)
@@ -100,8 +148,19 @@ def test_other_losses_train(tmp_path, faces_cache, loss):
 
 def test_two_process_ddp_on_cpu(tmp_path, faces_cache):
     out = tmp_path / "ddp"
-    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launcher = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     result = run_train(*small_run(out, faces_cache, "--max-steps", "10"), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "global 16" in result.stdout

@@ -1,0 +1,165 @@
+"""Generator -> ONNX: the EMA generator with BatchNorm folded into its convolutions, a dynamic batch
+axis, distgan metadata, and a check against PyTorch before the file is kept."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from distgan import __version__
+from distgan.checkpoint import GENERATOR_WEIGHTS, load_generator
+from distgan.errors import UserError
+from distgan.models import Generator
+from export.runtime import (
+    FLOAT_OUTPUT,
+    UINT8_OUTPUT,
+    create_session,
+)
+
+OPSET = 18
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+CHECK_BATCHES = (1, 7, 64)
+
+
+def fold_batchnorm(generator: Generator) -> nn.Sequential:
+    """G's layers with each BatchNorm folded into the transposed conv before it (eval statistics):
+    fewer ops at inference, and the same function."""
+    layers = list(copy.deepcopy(generator).eval().net)
+    folded: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, nn.BatchNorm2d):
+            folded[-1] = fuse_conv_bn_eval(folded[-1], layer, transpose=True)
+        else:
+            folded.append(layer)
+    return nn.Sequential(*folded)
+
+
+class InferenceGenerator(nn.Module):
+    """What the ONNX graph computes: z [B, z_dim] float32 -> image, float32 [B, 3, H, W] in [-1, 1]
+    or, with `uint8`, [B, H, W, 3] uint8 pixels ready to save. `half` computes in fp16 inside."""
+
+    def __init__(self, generator: Generator, *, uint8: bool = False, half: bool = False):
+        super().__init__()
+        self.z_dim = generator.config.z_dim
+        self.net = fold_batchnorm(generator)
+        self.uint8, self.half = uint8, half
+        if half:
+            self.net.half()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = z.reshape(z.shape[0], self.z_dim, 1, 1)
+        image = self.net(x.half() if self.half else x).float()
+        if self.uint8:
+            pixels = torch.clamp((image + 1.0) * 127.5 + 0.5, 0.0, 255.0)
+            return pixels.to(torch.uint8).permute(0, 2, 3, 1)
+        return image
+
+
+def reference_output(generator: Generator, z: np.ndarray, *, uint8: bool) -> np.ndarray:
+    """The unfolded fp32 PyTorch generator's output for `z`, in the ONNX output's format."""
+    with torch.no_grad():
+        image = generator.eval()(torch.from_numpy(z))
+    if uint8:
+        image = torch.clamp((image + 1.0) * 127.5 + 0.5, 0.0, 255.0).floor().permute(0, 2, 3, 1)
+    return image.numpy()
+
+
+def export_onnx(
+    generator_path: str | Path,
+    out_path: str | Path,
+    *,
+    uint8: bool = False,
+    fp16: bool = False,
+    log=print,
+) -> dict:
+    """Export, verify, and only then move the model to `out_path`. Returns the check's errors."""
+    generator, meta = load_generator(generator_path)
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder: give a file name such as g.onnx")
+    if not out_path.parent.exists():
+        raise UserError(f"--out folder {out_path.parent} does not exist: create it first")
+    precision = "fp16" if fp16 else "fp32"
+    module = InferenceGenerator(generator, uint8=uint8, half=fp16).eval()
+    z_dim = generator.config.z_dim
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (torch.randn(2, z_dim),),
+            dynamo=True,
+            dynamic_shapes={"z": {0: batch}},
+            input_names=["z"],
+            output_names=["image"],
+            opset_version=OPSET,
+            external_data=False,
+        )
+    model = program.model_proto
+    metadata = {
+        "producer": "distgan",
+        "distgan_version": __version__,
+        "z_dim": str(z_dim),
+        "z_distribution": meta.get("z_distribution", "normal(0, 1)"),
+        "resolution": str(generator.config.resolution),
+        "output_format": UINT8_OUTPUT if uint8 else FLOAT_OUTPUT,
+        "precision": precision,
+        "step": str(meta.get("step", "")),
+        "model_config": json.dumps(generator.config.to_dict()),
+        "source_generator": str(Path(generator_path).resolve()),  # for `python -m export bench`
+    }
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(tmp))
+
+    try:
+        errors = verify(tmp, generator, uint8=uint8, tolerance=TOLERANCE[precision], log=log)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out_path)
+    return errors
+
+
+def verify(path: Path, generator: Generator, *, uint8: bool, tolerance: float, log=print) -> dict:
+    """onnxruntime vs PyTorch on fresh random z at several batch sizes; raise if out of tolerance.
+
+    Errors are in [-1, 1] image units; for uint8 output, in pixel levels, where a value at a .5
+    boundary may round either way, so the limit is at least one level.
+    """
+    session = create_session(path)
+    rng = np.random.default_rng()
+    limit = max(1.0, float(np.ceil(tolerance * 127.5))) if uint8 else tolerance
+    unit = " levels" if uint8 else ""
+    errors = {}
+    for batch in CHECK_BATCHES:
+        z = rng.standard_normal((batch, generator.config.z_dim), dtype=np.float32)
+        ours = session.run(["image"], {"z": z})[0].astype(np.float32)
+        reference = reference_output(generator, z, uint8=uint8)
+        if ours.shape != reference.shape:
+            raise RuntimeError(f"ONNX output shape {ours.shape} != PyTorch {reference.shape}")
+        errors[batch] = float(np.abs(ours - reference).max())
+        error = f"{errors[batch]:.2e}{unit}"
+        log(f"batch {batch:3d}: max abs error vs PyTorch {error} (limit {limit:g})")
+    worst = max(errors.values())
+    if worst > limit:
+        raise UserError(
+            f"the exported model differs from PyTorch by {worst:.2e} > {limit:g}: export failed "
+            "(nothing was written)"
+        )
+    return errors
+
+
+def resolve_generator(run: str | None, generator: str | None) -> Path:
+    if run:
+        return Path(run) / GENERATOR_WEIGHTS
+    return Path(generator)

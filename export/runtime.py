@@ -1,0 +1,105 @@
+"""The onnxruntime side, without torch: execution-provider choice, sessions, and the model's
+distgan metadata."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from distgan.errors import UserError  # a torch-free module
+
+FLOAT_OUTPUT = "float32 NCHW RGB in [-1, 1]"
+UINT8_OUTPUT = "uint8 NHWC RGB in [0, 255]"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports, asked of the driver itself: onnxruntime-gpu lists its CUDA
+    provider even where there is no GPU, and asking for it there prints errors."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            driver = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def pick_providers(device: str = "auto") -> list:
+    """CUDA (with the cuDNN heuristic algorithm choice, so a new batch size does not pay seconds
+    of search) when asked or when a GPU is there, else CPU."""
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r} is not allowed: use one of {', '.join(DEVICES)}")
+    cuda_ready = "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count()
+    if device == "cuda" and not cuda_ready:
+        raise UserError("--device cuda: no CUDA GPU/provider is available here; use --device cpu")
+    if device != "cpu" and cuda_ready:
+        cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}
+        return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(
+    path: str | Path, device: str = "auto", threads: int | None = None
+) -> ort.InferenceSession:
+    """An InferenceSession with full graph optimisation, or a one-line error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model {path} does not exist: export one with `python -m export onnx`")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=pick_providers(device))
+    except UserError:
+        raise
+    except Exception as err:  # onnxruntime raises its own types for bad protobufs and graphs
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a usable ONNX model ({detail})") from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a caller needs to feed the model and read its output."""
+
+    z_dim: int
+    output_format: str
+    resolution: int | None
+    precision: str
+    step: str
+
+
+def model_info(session: ort.InferenceSession, z_dim: int | None = None) -> ModelInfo:
+    """The model's distgan metadata; `z_dim` given by hand serves models exported elsewhere."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 2:
+        shapes = [(i.name, i.shape) for i in inputs]
+        raise UserError(f"the model's inputs {shapes} are not one [batch, z_dim] latent input")
+    meta = session.get_modelmeta().custom_metadata_map
+    if "z_dim" in meta:
+        z_dim = z_dim or int(meta["z_dim"])
+    elif z_dim is None:
+        declared = inputs[0].shape[1]
+        if not isinstance(declared, int):
+            raise UserError("the model has no distgan metadata: give its latent size with --z-dim")
+        z_dim = declared
+    output_format = meta.get("output_format")
+    if output_format is None:  # a foreign model: judge by the output's type and layout
+        uint8 = outputs[0].type == "tensor(uint8)"
+        output_format = UINT8_OUTPUT if uint8 else FLOAT_OUTPUT
+    resolution = int(meta["resolution"]) if "resolution" in meta else None
+    return ModelInfo(
+        z_dim=z_dim,
+        output_format=output_format,
+        resolution=resolution,
+        precision=meta.get("precision", "fp32"),
+        step=meta.get("step", ""),
+    )
