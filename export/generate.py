@@ -151,7 +151,7 @@ def generate(
         ends = latents(2, info.z_dim, seed + 1, truncation)
         frames = to_pixels(run(slerp(ends[0], ends[1], interpolate)), info.output_format)
         save_grid(frames, out_dir / "interpolation.png", columns=interpolate)
-        loop = [Image.fromarray(f) for f in np.concatenate([frames, frames[::-1]])]
+        loop = [Image.fromarray(f) for f in np.concatenate([frames, frames[-2:0:-1]])]  # ping-pong
         loop[0].save(out_dir / "interpolation.gif", save_all=True, append_images=loop[1:],
                      duration=80, loop=0)  # fmt: skip
     return paths

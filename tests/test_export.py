@@ -1,0 +1,233 @@
+"""Export: ONNX export of a trained generator (dynamo exporter, opset >= 18, dynamic batch, BN
+folded, metadata), its verification against PyTorch (fp32, fp16, uint8), torch-free generation
+(same seed, same images; grid, interpolation, truncation), and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+from distgan.checkpoint import save_generator
+from distgan.errors import UserError
+from distgan.models import Generator, ModelConfig
+from export.onnx_export import InferenceGenerator, export_onnx
+from export.runtime import FLOAT_OUTPUT, UINT8_OUTPUT, create_session, model_info, pick_providers
+
+
+def trained_like_generator(tmp_path, **config):
+    """A small generator with non-trivial BatchNorm statistics, saved as a run would save it."""
+    torch.manual_seed(0)
+    generator = Generator(ModelConfig(resolution=32, g_channels=8, z_dim=16, **config))
+    generator.train()
+    with torch.no_grad():
+        for _ in range(3):
+            generator(torch.randn(32, generator.config.z_dim))  # running stats move off 0/1
+    run = tmp_path / "run"
+    run.mkdir()
+    save_generator(run, generator.eval(), step=123, images_seen=4567)
+    return run, generator
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    run, generator = trained_like_generator(tmp)
+    paths = {}
+    for name, options in {"fp32": {}, "fp16": {"fp16": True}, "uint8": {"uint8": True}}.items():
+        paths[name] = tmp / f"g-{name}.onnx"
+        export_onnx(run / "generator.safetensors", paths[name], log=lambda _: None, **options)
+    return run, generator, paths
+
+
+def test_graph_has_dynamic_batch_opset_metadata_and_no_batchnorm(exported):
+    _, _, paths = exported
+    model = onnx.load(paths["fp32"])
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    z, image = model.graph.input[0], model.graph.output[0]
+    assert z.name == "z" and image.name == "image"
+    assert z.type.tensor_type.shape.dim[0].dim_param  # a symbolic batch axis
+    assert z.type.tensor_type.shape.dim[1].dim_value == 16
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["z_dim"] == "16" and meta["resolution"] == "32" and meta["step"] == "123"
+    assert meta["output_format"] == FLOAT_OUTPUT and meta["precision"] == "fp32"
+    assert meta["z_distribution"].startswith("normal") and meta["distgan_version"]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 100])
+def test_fp32_matches_pytorch_at_any_batch(exported, batch):
+    _, generator, paths = exported
+    z = np.random.default_rng(batch).standard_normal((batch, 16), dtype=np.float32)
+    ours = create_session(paths["fp32"], "cpu").run(None, {"z": z})[0]
+    with torch.no_grad():
+        reference = generator(torch.from_numpy(z)).numpy()
+    assert ours.shape == (batch, 3, 32, 32)
+    assert np.abs(ours - reference).max() <= 1e-4
+
+
+def test_fp16_and_uint8_formats(exported):
+    _, generator, paths = exported
+    z = np.random.default_rng(1).standard_normal((5, 16), dtype=np.float32)
+    with torch.no_grad():
+        reference = generator(torch.from_numpy(z)).numpy()
+    half = create_session(paths["fp16"], "cpu")
+    assert half.get_inputs()[0].type == "tensor(float)"  # fp16 inside, float32 at the edges
+    assert half.get_outputs()[0].type == "tensor(float)"
+    assert np.abs(half.run(None, {"z": z})[0] - reference).max() <= 2e-2
+    fp16_weights = [i for i in onnx.load(paths["fp16"]).graph.initializer if i.data_type == 10]
+    assert fp16_weights  # the weights really are half precision
+    pixels = create_session(paths["uint8"], "cpu").run(None, {"z": z})[0]
+    assert pixels.dtype == np.uint8 and pixels.shape == (5, 32, 32, 3)
+    expected = np.clip((reference + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.abs(pixels.astype(int) - expected).max() <= 1
+
+
+def test_failed_verification_keeps_nothing(tmp_path, monkeypatch):
+    run, _ = trained_like_generator(tmp_path)
+    monkeypatch.setattr(
+        InferenceGenerator, "forward", lambda self, z: self.net(z.reshape(-1, 16, 1, 1)) * 0.5
+    )
+    with pytest.raises(UserError, match="differs from PyTorch"):
+        export_onnx(run / "generator.safetensors", tmp_path / "bad.onnx", log=lambda _: None)
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_uses_the_dynamo_exporter(monkeypatch, tmp_path):
+    """Guard: the export goes through torch.onnx.export(dynamo=True) with dynamic_shapes."""
+    run, _ = trained_like_generator(tmp_path)
+    seen = {}
+    original = torch.onnx.export
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    export_onnx(run / "generator.safetensors", tmp_path / "g.onnx", log=lambda _: None)
+    assert seen["dynamo"] is True and "z" in seen["dynamic_shapes"]
+    assert seen["opset_version"] >= 18
+
+
+def run_generate(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "export", "generate", *map(str, args)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+
+
+def test_generate_cli_is_reproducible_and_writes_extras(exported, tmp_path):
+    _, _, paths = exported
+    first = run_generate("--model", paths["fp32"], "--num", 10, "--batch-size", 4, "--out-dir",
+                         tmp_path / "a", "--grid", tmp_path / "grid.png", "--seed", 7,
+                         "--interpolate", 5, "--truncation", 0.7)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    second = run_generate("--model", paths["uint8"], "--num", 10, "--batch-size", 3,
+                          "--out-dir", tmp_path / "b", "--seed", 7, "--truncation", 0.7)  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    names = sorted(p.name for p in (tmp_path / "a").glob("0*.png"))
+    assert names == [f"{i:06d}.png" for i in range(10)]
+    for name in names:  # same seed: the same faces, whichever output format and batch size
+        a = np.asarray(Image.open(tmp_path / "a" / name), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "b" / name), dtype=int)
+        assert a.shape == (32, 32, 3) and np.abs(a - b).max() <= 1
+    other = run_generate(
+        "--model", paths["fp32"], "--num", 2, "--out-dir", tmp_path / "c", "--seed", 8
+    )
+    assert other.returncode == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "c" / names[0])),
+                              np.asarray(Image.open(tmp_path / "a" / names[0])))  # fmt: skip
+    assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 3 * 34 + 2)  # 10 faces, 4 columns
+    assert Image.open(tmp_path / "a" / "interpolation.png").size == (5 * 34 + 2, 36)
+    assert Image.open(tmp_path / "a" / "interpolation.gif").n_frames == 2 * 5 - 2
+
+
+def test_generate_never_imports_torch(exported, tmp_path):
+    _, _, paths = exported
+    code = (
+        "import sys; from export.__main__ import main\n"
+        f"main(['generate', '--model', r'{paths['fp32']}', '--num', '3', '--out-dir', r'{tmp_path}'])\n"
+        "assert not [m for m in sys.modules if m == 'torch' or m.startswith('torch.')], 'torch'\n"
+        "print('torch-free')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "torch-free" in result.stdout
+
+
+def test_providers_are_chosen_without_error_spam(exported):
+    _, _, paths = exported
+    import onnxruntime as ort
+
+    providers = pick_providers("auto")
+    assert providers[-1] == "CPUExecutionProvider"
+    if not torch.cuda.is_available():
+        assert providers == ["CPUExecutionProvider"]
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            pick_providers("cuda")
+    session = create_session(paths["fp32"])
+    assert session.get_providers()[0] in ort.get_available_providers()
+
+
+def test_bad_inputs_give_one_line_errors(exported, tmp_path):
+    _, _, paths = exported
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf")
+    cases = [
+        (["--model", tmp_path / "missing.onnx", "--num", 1, "--out-dir", tmp_path / "o"], "does not exist"),
+        (["--model", garbage, "--num", 1, "--out-dir", tmp_path / "o"], "is not a usable ONNX model"),
+        (["--model", paths["fp32"], "--num", 0, "--out-dir", tmp_path / "o"], "--num 0 is not allowed"),
+        (["--model", paths["fp32"], "--num", 2, "--batch-size", 0, "--out-dir", tmp_path / "o"],
+         "--batch-size 0 is not allowed"),
+        (["--model", paths["fp32"], "--num", 2, "--out-dir", "/proc/distgan-out"], "cannot write to --out-dir"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = run_generate(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_model_without_metadata_needs_z_dim(exported, tmp_path):
+    _, _, paths = exported
+    model = onnx.load(paths["fp32"])
+    del model.metadata_props[:]
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "z"  # hide the size too
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, bare)
+    with pytest.raises(UserError, match="no distgan metadata: give its latent size with --z-dim"):
+        model_info(create_session(bare))
+    info = model_info(create_session(bare), z_dim=16)
+    assert info.z_dim == 16 and info.output_format == FLOAT_OUTPUT
+    assert model_info(create_session(paths["uint8"])).output_format == UINT8_OUTPUT
+
+
+def test_export_cli_errors(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "onnx", "--run", tmp_path, "--out", tmp_path / "g.onnx"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'generator.safetensors'} does not exist: pass a run folder or its "
+        "generator.safetensors"
+    ]
+
+
+def test_export_cli_end_to_end(tmp_path):
+    run, _ = trained_like_generator(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "onnx", "--run", run, "--out", tmp_path / "g.onnx", "--uint8"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for batch in (1, 7, 64):
+        assert f"batch {batch:3d}: max abs error vs PyTorch" in result.stdout
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "g.onnx").metadata_props}
+    assert meta["output_format"] == UINT8_OUTPUT
+    assert json.loads(meta["model_config"])["z_dim"] == 16
