@@ -111,7 +111,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, ema: EMA) -> dic
     state = read_trainer_state(path)
     try:
         accelerator.load_state(str(path))
-        ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(accelerator.device)))
+        ema.load_state_dict(load_file(str(path / EMA_FILE)))  # copied onto the EMA's device
     except (OSError, RuntimeError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(

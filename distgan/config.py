@@ -136,6 +136,14 @@ class TrainConfig:
     num_samples: int = 64
     """Images in each sample grid (fixed z, so grids are comparable across steps)."""
 
+    sync_bn: bool = False
+    """Synchronise BatchNorm statistics across processes (SyncBatchNorm, CUDA only). Off: each
+    process normalises with its own batch statistics (DDP with broadcast_buffers=False)."""
+
+    dist_timeout: int = 600
+    """Seconds a collective waits for the other processes before the job fails, so a dead or
+    stuck process ends the job instead of hanging it."""
+
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in out_dir, if any; none: start fresh
     (refused if out_dir already holds checkpoints); or the path of a checkpoint folder."""
@@ -143,7 +151,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require_positive(
             self, "batch_size", "max_steps", "epochs", "lr_g", "lr_d", "gp_weight", "log_every",
-            "sample_every", "ckpt_every", "keep_checkpoints", "num_samples",
+            "sample_every", "ckpt_every", "keep_checkpoints", "num_samples", "dist_timeout",
         )  # fmt: skip
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not allowed: use one of {', '.join(LOSSES)}")

@@ -3,14 +3,17 @@ mixed precision; DALI the data; everything written to disk is written by the mai
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -29,6 +32,10 @@ from distgan.faces import builtin_faces_dir, ensure_builtin_faces
 from distgan.losses import d_loss, g_loss, gradient_penalty
 from distgan.models import Discriminator, Generator, ModelConfig
 from distgan.report import append_jsonl, plot_losses, save_grid
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_CHECK_EVERY = 10  # steps between the collective that agrees on stopping (several processes)
+PREEMPTED_MARKER = "preempted.json"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -74,6 +81,41 @@ def find_resume_point(resume: str, checkpoints_root: Path) -> Path | None:
     return Path(resume)
 
 
+def catch_stop_signals() -> dict:
+    """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, or the launcher
+    stopping its workers) ask the loop to finish its step, checkpoint and exit."""
+    received = {"signal": None}
+
+    def remember(signum, _frame):
+        received["signal"] = signal.Signals(signum).name
+
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, remember)
+    return received
+
+
+def injected_fault() -> tuple[int, int] | None:
+    """(rank, step) from DISTGAN_INJECT_FAULT="RANK:STEP": that process raises at that step. For
+    the tests of failure handling, which need one rank to fail mid-run."""
+    value = os.environ.get("DISTGAN_INJECT_FAULT")
+    if not value:
+        return None
+    rank, step = value.split(":")
+    return int(rank), int(step)
+
+
+def check_ddp_consistency(accelerator: Accelerator, modules: dict) -> None:
+    """Every process must hold bitwise the same weights (stylegan2-ada's check): a divergence
+    means a bug in the distributed setup, so stop rather than write a wrong generator."""
+    if accelerator.num_processes == 1:
+        return
+    for module_name, module in modules.items():
+        for name, param in module.named_parameters():
+            gathered = accelerator.gather(param.detach().reshape(1, -1))
+            if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+                raise RuntimeError(f"{module_name}.{name} differs between processes")
+
+
 def train(cfg: Config) -> Path:
     """Train G and D as `cfg` says; return the output folder. Works under `accelerate launch`
     with any number of processes and under plain `python`."""
@@ -84,10 +126,17 @@ def train(cfg: Config) -> Path:
     # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which Accelerate's kwargs
     # handler cannot pass yet; its own text says to keep broadcast_buffers=False for local buffers.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+    if tc.sync_bn and not torch.cuda.is_available():
+        raise UserError(
+            "sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernels): drop --sync-bn"
+        )
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         cpu=not torch.cuda.is_available(),  # without it, CPU processes would not form a group
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=tc.dist_timeout)),
+        ],
     )
     device, is_main = accelerator.device, accelerator.is_main_process
     out_dir = Path(tc.out_dir)
@@ -136,6 +185,9 @@ def train(cfg: Config) -> Path:
     # Models and optimizers: the same init on every process (DDP also broadcasts it).
     set_seed(tc.seed)
     generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
+    if tc.sync_bn and accelerator.num_processes > 1:
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     ema = EMA(generator, tc.ema_decay)
     ema.module.to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, betas=(tc.beta1, tc.beta2))
@@ -155,8 +207,10 @@ def train(cfg: Config) -> Path:
     else:
         set_seed(tc.seed + accelerator.process_index)  # each process draws its own z
 
+    preempt_marker = Path(os.environ.get("DISTGAN_PREEMPT_MARKER") or out_dir / PREEMPTED_MARKER)
     if is_main:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        preempt_marker.unlink(missing_ok=True)
         cfg.save_toml(out_dir / "config.toml")
         print(
             f"distgan: {accelerator.num_processes} process(es) on {device.type}, batch "
@@ -165,12 +219,14 @@ def train(cfg: Config) -> Path:
             f"steps {step} -> {total_steps}, output {out_dir}",
             flush=True,
         )
+    stop_request, fault = catch_stop_signals(), injected_fault()
+    stopped_by = None
     metrics_path = out_dir / "metrics.jsonl"
     progress = tqdm(total=total_steps, initial=step, unit="step", disable=not is_main)
     run_start = time.perf_counter()
     window_start, window_step, io_seconds = run_start, step, 0.0
 
-    while step < total_steps:
+    while step < total_steps and stopped_by is None:
         epoch, start_in_epoch = divmod(step, loader.steps_per_epoch)
         for real in loader.epoch(epoch, start_in_epoch):
             if is_main and step == 0:
@@ -202,6 +258,15 @@ def train(cfg: Config) -> Path:
             images_seen += global_batch
             progress.update(1)
             last = step == total_steps
+            if fault == (accelerator.process_index, step):
+                raise RuntimeError(f"injected fault at step {step} (DISTGAN_INJECT_FAULT)")
+            # Processes may get the signal at different steps: agree, so all stop at the same one.
+            if accelerator.num_processes == 1:
+                stopped_by = stop_request["signal"]
+            elif step % STOP_CHECK_EVERY == 0 and not last:
+                flag = torch.tensor([float(stop_request["signal"] is not None)], device=device)
+                if accelerator.reduce(flag, "sum").item() > 0:
+                    stopped_by = stop_request["signal"] or "a signal to another process"
 
             if step % tc.log_every == 0 or last:  # the only host syncs of the loop
                 stats = torch.stack([
@@ -237,21 +302,33 @@ def train(cfg: Config) -> Path:
                     samples = ema.module(fixed_z)
                 save_grid(samples, out_dir / "samples" / f"step-{step:08d}.png")
                 plot_losses(metrics_path, out_dir / "losses.png")
-            if step % tc.ckpt_every == 0 or last:
+            if step % tc.ckpt_every == 0 or last or stopped_by:
                 wall_time = wall_before + time.perf_counter() - run_start
                 save_checkpoint(accelerator, checkpoints_root, step, ema, {
                     "step": step, "images_seen": images_seen, "wall_time": round(wall_time, 2),
                     "global_batch": global_batch, "model": model_cfg.to_dict(),
                 }, keep=tc.keep_checkpoints)  # fmt: skip
             io_seconds += time.perf_counter() - io_start
-            if last:
+            if last or stopped_by:
                 break
 
     progress.close()
-    if is_main:
-        save_generator(out_dir, ema.module, step=step, images_seen=images_seen)
-        print(f"done: step {step}, samples in {out_dir / 'samples'}, generator "
-              f"{out_dir / 'generator.safetensors'}", flush=True)  # fmt: skip
+    if stopped_by:
+        if is_main:  # launch/slurm/train.sbatch requeues the job when it finds this marker
+            marker = {"step": step, "signal": stopped_by, "checkpoint": f"step-{step:08d}"}
+            preempt_marker.write_text(json.dumps(marker))
+            print(f"stopped by {stopped_by} at step {step}: checkpoint written; the same command "
+                  "resumes from it", flush=True)  # fmt: skip
+    else:
+        check_ddp_consistency(accelerator, {"G": generator_core, "D": discriminator,
+                                            "EMA G": ema.module})  # fmt: skip
+        if is_main:
+            if accelerator.num_processes > 1:
+                print(f"weights identical on all {accelerator.num_processes} processes "
+                      "(G, D, EMA G)", flush=True)  # fmt: skip
+            save_generator(out_dir, ema.module, step=step, images_seen=images_seen)
+            print(f"done: step {step}, samples in {out_dir / 'samples'}, generator "
+                  f"{out_dir / 'generator.safetensors'}", flush=True)  # fmt: skip
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
@@ -263,3 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        # Name the process: under a launcher the first failure is the one that matters, and the
+        # launcher then stops the other processes (or they time out of their next collective).
+        rank = os.environ.get("RANK", "0")
+        print(
+            f"error: process {rank} failed: {type(err).__name__}: {err}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise

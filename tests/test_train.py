@@ -1,5 +1,5 @@
-"""The trainer end to end, run as a user runs it (`python launch/train.py`, and `accelerate launch`
-with 2 CPU processes): the files a run writes, resume equal to an uninterrupted run, bf16
+"""The trainer end to end, run as a user runs it (`python launch/train.py`; several processes are
+in test_distributed.py): the files a run writes, resume equal to an uninterrupted run, bf16
 autocast on CPU, every loss, and clear errors for bad input."""
 
 import json
@@ -144,31 +144,6 @@ def test_other_losses_train(tmp_path, faces_cache, loss):
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics(out)
     assert len(records) == 2 and all(abs(r["loss_d"]) < 1e4 for r in records)
-
-
-def test_two_process_ddp_on_cpu(tmp_path, faces_cache):
-    out = tmp_path / "ddp"
-    launcher = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    result = run_train(*small_run(out, faces_cache, "--max-steps", "10"), launcher=launcher)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and "global 16" in result.stdout
-    assert result.stdout.count("done: step 10") == 1  # only the main process prints
-    checkpoint = out / "checkpoints" / "step-00000010"
-    assert (checkpoint / "random_states_0.pkl").is_file()
-    assert (checkpoint / "random_states_1.pkl").is_file()
-    assert metrics(out)[-1]["images_seen"] == 10 * 16
 
 
 def test_bad_input_fails_early_with_one_line(tmp_path, faces_cache):
