@@ -126,6 +126,7 @@ def save_generator(
 ) -> Path:
     """Write `generator.safetensors` + `generator.json`: all that export and inference need."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()}
     tmp = out_dir / f".{GENERATOR_WEIGHTS}.tmp-{os.getpid()}"
     save_file(weights, str(tmp), metadata={"format": GENERATOR_FORMAT})

@@ -25,6 +25,7 @@ from distgan.losses import LOSSES
 from distgan.models import ModelConfig
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+EVAL_FEATURES = ("inception", "pixels")
 
 
 def _require_positive(obj, *names: str) -> None:
@@ -136,6 +137,24 @@ class TrainConfig:
     num_samples: int = 64
     """Images in each sample grid (fixed z, so grids are comparable across steps)."""
 
+    eval_every: int | None = None
+    """Steps between FID/KID evaluations of the EMA generator (unset: none during training)."""
+
+    eval_num: int = 10_000
+    """Generated images per evaluation (50,000 for numbers comparable with papers)."""
+
+    eval_real_num: int | None = None
+    """Reference images for the real statistics, chosen by a fixed seed (unset: all of them).
+    Computed once per dataset, resolution, crop and extractor, then cached."""
+
+    eval_features: str = "inception"
+    """Feature extractor: inception (the standard FID Inception-v3, via torch-fidelity) or pixels
+    (8x8 pixel means: a smoke test, not comparable to FID)."""
+
+    inception_weights: str | None = None
+    """The FID Inception weights file, for machines without internet (checked against its
+    published checksum). Unset: torch-fidelity's cache, downloaded there if possible."""
+
     sync_bn: bool = False
     """Synchronise BatchNorm statistics across processes (SyncBatchNorm, CUDA only). Off: each
     process normalises with its own batch statistics (DDP with broadcast_buffers=False)."""
@@ -152,7 +171,13 @@ class TrainConfig:
         _require_positive(
             self, "batch_size", "max_steps", "epochs", "lr_g", "lr_d", "gp_weight", "log_every",
             "sample_every", "ckpt_every", "keep_checkpoints", "num_samples", "dist_timeout",
+            "eval_every", "eval_num", "eval_real_num",
         )  # fmt: skip
+        if self.eval_features not in EVAL_FEATURES:
+            raise ValueError(
+                f"eval_features={self.eval_features!r} is not allowed: use one of "
+                f"{', '.join(EVAL_FEATURES)}"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not allowed: use one of {', '.join(LOSSES)}")
         if self.mixed_precision not in MIXED_PRECISION:

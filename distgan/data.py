@@ -174,11 +174,18 @@ class ImageLoader:
             del iterator, pipe
 
     def epoch_files(self, epoch: int, start_step: int = 0) -> list[str]:
-        """The files this process reads in `epoch` from `start_step`, in order (for tests and
-        for checking the sharding)."""
+        """The files this process reads in `epoch` from `start_step`, in order."""
         global_batch = self.num_shards * self.batch_size
         order = epoch_order(len(self.files), epoch, self.seed, global_batch)
         return [self.files[i] for i in self._share(order, start_step)]
+
+    def epoch_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(index into `files`, is-padding flag) of each sample this process reads in `epoch`, in
+        order. Over all processes the non-padding samples are every file exactly once."""
+        global_batch = self.num_shards * self.batch_size
+        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
+        positions = self._share(np.arange(len(order)), 0)
+        return order[positions], positions >= len(self.files)
 
     def _share(self, per_position: np.ndarray, start_step: int) -> np.ndarray:
         """This process's part of a per-position array of the epoch, from `start_step` on."""

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
+from distgan import metrics
 from distgan.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -28,7 +29,7 @@ from distgan.config import Config, parse_args
 from distgan.data import ImageLoader, find_images
 from distgan.ema import EMA
 from distgan.errors import UserError
-from distgan.faces import builtin_faces_dir, ensure_builtin_faces
+from distgan.faces import builtin_faces_dir, default_cache_dir, ensure_builtin_faces
 from distgan.losses import d_loss, g_loss, gradient_penalty
 from distgan.models import Discriminator, Generator, ModelConfig
 from distgan.report import append_jsonl, plot_losses, save_grid
@@ -200,10 +201,32 @@ def train(cfg: Config) -> Path:
         tc.num_samples, model_cfg.z_dim, generator=torch.Generator().manual_seed(tc.seed)
     ).to(device)
 
+    # FID/KID: the extractor and the real statistics first, so a missing weights file fails now.
+    extractor = real_stats = None
+    if tc.eval_every:
+        extractor = metrics.make_extractor(tc.eval_features, tc.inception_weights, device)
+        reference = metrics.real_files(files, tc.eval_real_num)
+        key = metrics.real_stats_key(reference, model_cfg.resolution, dc.crop_box, len(reference),
+                                     extractor.name)  # fmt: skip
+        stats_path = Path(dc.cache_dir or default_cache_dir()) / "fid-stats" / f"{key}.npz"
+        real_stats = metrics.load_stats(stats_path)
+        have_all = torch.tensor([float(real_stats is not None)], device=device)
+        if accelerator.reduce(have_all, "sum").item() < accelerator.num_processes:
+            accelerator.print(f"computing real statistics of {len(reference)} images (once) ...")
+            real_stats = metrics.real_stats(
+                accelerator, extractor, reference, resolution=model_cfg.resolution,
+                crop_box=dc.crop_box, batch_size=tc.batch_size, num_threads=dc.num_threads,
+                device_id=loader.device_id,
+            )  # fmt: skip
+            if is_main:
+                metrics.save_stats(stats_path, real_stats)
+
     step, images_seen, wall_before = 0, 0, 0.0
+    best_fid, best_step = float("inf"), None
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, ema)  # RNG states included
         step, images_seen, wall_before = state["step"], state["images_seen"], state["wall_time"]
+        best_fid, best_step = state.get("best_fid") or float("inf"), state.get("best_step")
     else:
         set_seed(tc.seed + accelerator.process_index)  # each process draws its own z
 
@@ -297,6 +320,33 @@ def train(cfg: Config) -> Path:
                     )  # fmt: skip
 
             io_start = time.perf_counter()
+            if tc.eval_every and (step % tc.eval_every == 0 or last):
+                # One generator for all processes: main's BN statistics (weights are identical).
+                for buffer in ema.module.buffers():
+                    buffer.copy_(broadcast(buffer.clone(), from_process=0))
+                eval_start = time.perf_counter()
+                fake_stats = metrics.fake_stats(
+                    accelerator, extractor, ema.module, tc.eval_num, batch_size=tc.batch_size,
+                    seed=tc.seed + 1, device=device,
+                )  # fmt: skip
+                result = metrics.scores(real_stats, fake_stats)
+                if result["fid"] < best_fid:
+                    best_fid, best_step = result["fid"], step
+                    if is_main:
+                        save_generator(out_dir / "best", ema.module, step=step,
+                                       images_seen=images_seen)  # fmt: skip
+                record = {
+                    "step": step, **result, "best_fid": best_fid, "best_step": best_step,
+                    **metrics.describe(extractor, real_stats, fake_stats, model_cfg.resolution),
+                    "eval_seconds": round(time.perf_counter() - eval_start, 2),
+                }  # fmt: skip
+                if is_main:
+                    append_jsonl(metrics_path, record)
+                    progress.write(
+                        f"step {step}: FID {result['fid']:.3f} KID {result['kid_mean']:.5f} "
+                        f"(best FID {best_fid:.3f} at step {best_step}; {extractor.name}, "
+                        f"{fake_stats.count} fake vs {real_stats.count} real)"
+                    )
             if is_main and (step % tc.sample_every == 0 or last):
                 with torch.no_grad():
                     samples = ema.module(fixed_z)
@@ -307,6 +357,7 @@ def train(cfg: Config) -> Path:
                 save_checkpoint(accelerator, checkpoints_root, step, ema, {
                     "step": step, "images_seen": images_seen, "wall_time": round(wall_time, 2),
                     "global_batch": global_batch, "model": model_cfg.to_dict(),
+                    "best_fid": best_fid if best_step else None, "best_step": best_step,
                 }, keep=tc.keep_checkpoints)  # fmt: skip
             io_seconds += time.perf_counter() - io_start
             if last or stopped_by:

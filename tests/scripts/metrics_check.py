@@ -1,0 +1,36 @@
+"""Run under `accelerate launch` (any number of processes): real and fake statistics of a folder
+and a fixed generator with the 8x8 pixel extractor, through distgan.metrics; the main process
+prints the scores as JSON, for comparison across process counts."""
+
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from distgan import metrics
+from distgan.data import find_images
+from distgan.models import Generator, ModelConfig
+
+
+def main(folder: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    generator = Generator(ModelConfig(resolution=32, g_channels=8, z_dim=16))
+    with torch.no_grad():  # visible, varied images
+        for module in generator.modules():
+            if isinstance(module, torch.nn.ConvTranspose2d):
+                module.weight.mul_(8)
+    extractor = metrics.PixelFeatures()
+    real = metrics.real_stats(accelerator, extractor, find_images(folder), resolution=32,
+                              crop_box=None, batch_size=4, num_threads=1, device_id=None)  # fmt: skip
+    fake = metrics.fake_stats(accelerator, extractor, generator, 50, batch_size=8, seed=3,
+                              device=torch.device("cpu"))  # fmt: skip
+    result = {**metrics.scores(real, fake), "n_real": real.count, "n_fake": fake.count,
+              "real_mu_sum": float(real.mu.sum())}  # fmt: skip
+    if accelerator.is_main_process:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
