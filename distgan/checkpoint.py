@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -80,27 +82,58 @@ def read_trainer_state(path: str | Path) -> dict:
     return state
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder so that no crash can leave it looking complete: rename it out
+    of the step-* namespace first (atomic), then delete."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_unfinished(root: str | Path) -> None:
+    """Remove what a crash mid-write or mid-delete left behind (main process, at start-up)."""
+    root = Path(root)
+    if root.is_dir():
+        for leftover in [*root.glob(".staging-*"), *root.glob(".deleting-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def save_checkpoint(
     accelerator: Accelerator, root: Path, step: int, ema: EMA, state: dict, keep: int
 ) -> Path:
-    """Write the checkpoint of `step` (call on every process), then keep only the newest `keep`."""
+    """Write the checkpoint of `step` (call on every process), then keep only the newest `keep`.
+
+    Nothing the user had is touched until the new checkpoint is complete; if writing fails (a
+    full disk), the partial one is removed and the error says which checkpoint is intact.
+    """
     root = Path(root)
     final = checkpoint_dir(root, step)
     staging = root / f".staging-{final.name}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging), safe_serialization=True)  # each process: its RNG
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_file(ema.state_dict(), str(staging / EMA_FILE))
+            _write_json_atomically(staging / STATE_FILE, state)  # the completion marker: last
+    except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)  # every process: its RNG state
-    accelerator.wait_for_everyone()
+        kept = list_checkpoints(root)
+        intact = f"the previous checkpoint {kept[-1]} is intact" if kept else "no checkpoint yet"
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"could not write checkpoint {final.name} in {root} ({reason}); {intact}: free some "
+            "space (or move --out-dir) and run the same command to resume"
+        ) from None
     if accelerator.is_main_process:
-        save_file(ema.state_dict(), str(staging / EMA_FILE))
-        _write_json_atomically(staging / STATE_FILE, state)  # the completion marker: last file
         if final.exists():  # the same step saved before (e.g. a resumed run's end): replace it
-            shutil.rmtree(final)
+            _remove(final)
         staging.rename(final)
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -110,10 +143,15 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, ema: EMA) -> dic
     path = Path(path)
     state = read_trainer_state(path)
     try:
+        # Accelerate ignores an unloadable RNG file (the resume would silently differ): check it.
+        accelerate_load(path / f"random_states_{accelerator.process_index}.pkl", weights_only=True)
         accelerator.load_state(str(path))
         ema.load_state_dict(load_file(str(path / EMA_FILE)))  # copied onto the EMA's device
-    except (OSError, RuntimeError, SafetensorError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        # weights_only loading refuses pickled code with UnpicklingError: never executed.
+        first_line = (
+            str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        )
         raise UserError(
             f"checkpoint {path} could not be loaded ({first_line}): resume from another checkpoint "
             "(--resume PATH) or start a new run (--resume none with a new --out-dir)"

@@ -53,6 +53,11 @@ class DataConfig:
     num_threads: int = 2
     """DALI CPU threads per process (decode on CPU, or the host side of GPU decode)."""
 
+    on_bad_image: str = "error"
+    """What to do with files DALI cannot decode (corrupt, truncated, not images, unreadable,
+    smaller than the crop box), found by a scan at start-up: error (stop before training, with
+    the list) or skip (train on the rest)."""
+
     builtin_faces: int = 10_000
     """How many built-in faces to render (once, then cached) when data_dir is unset."""
 
@@ -61,6 +66,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "num_threads", "builtin_faces")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ValueError(
+                f"on_bad_image={self.on_bad_image!r} is not allowed: use error or skip"
+            )
         if self.crop_box is not None:
             box = list(self.crop_box)
             if len(box) != 4 or any(not isinstance(v, int) for v in box):
@@ -155,6 +164,17 @@ class TrainConfig:
     """The FID Inception weights file, for machines without internet (checked against its
     published checksum). Unset: torch-fidelity's cache, downloaded there if possible."""
 
+    nonfinite_limit: int = 20
+    """Consecutive steps with non-finite losses or gradients (each one skipped) after which the
+    run rolls back or stops (on_nonfinite)."""
+
+    on_nonfinite: str = "rollback"
+    """rollback: resume from the last good checkpoint with learning rates x rollback_lr_factor;
+    stop: end the run with a message naming the last good checkpoint."""
+
+    rollback_lr_factor: float = 0.5
+    """Factor applied to both learning rates at each rollback."""
+
     sync_bn: bool = False
     """Synchronise BatchNorm statistics across processes (SyncBatchNorm, CUDA only). Off: each
     process normalises with its own batch statistics (DDP with broadcast_buffers=False)."""
@@ -171,12 +191,20 @@ class TrainConfig:
         _require_positive(
             self, "batch_size", "max_steps", "epochs", "lr_g", "lr_d", "gp_weight", "log_every",
             "sample_every", "ckpt_every", "keep_checkpoints", "num_samples", "dist_timeout",
-            "eval_every", "eval_num", "eval_real_num",
+            "eval_every", "eval_num", "eval_real_num", "nonfinite_limit",
         )  # fmt: skip
         if self.eval_features not in EVAL_FEATURES:
             raise ValueError(
                 f"eval_features={self.eval_features!r} is not allowed: use one of "
                 f"{', '.join(EVAL_FEATURES)}"
+            )
+        if self.on_nonfinite not in ("rollback", "stop"):
+            raise ValueError(
+                f"on_nonfinite={self.on_nonfinite!r} is not allowed: use rollback or stop"
+            )
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise ValueError(
+                f"rollback_lr_factor={self.rollback_lr_factor} is not allowed: use 0 < x <= 1"
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not allowed: use one of {', '.join(LOSSES)}")

@@ -12,17 +12,24 @@ same way, from the seed, per position in the order.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import math
 import os
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+SCAN_VERSION = 1
 
 
 def find_images(data_dir: str | os.PathLike) -> list[str]:
@@ -43,6 +50,83 @@ def find_images(data_dir: str | os.PathLike) -> list[str]:
             "point --data-dir at a folder of JPEG/PNG files"
         )
     return files
+
+
+def check_image(path: str, crop_box: list[int] | None = None) -> str | None:
+    """Why DALI could not train on this file, or None if it can. Decodes the whole file (JPEGs at
+    1/8 scale: every byte is still entropy-decoded, so truncation and corruption show)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(1)
+        if not header:
+            return "empty file"
+        with Image.open(path) as image:
+            if image.format not in ("JPEG", "PNG"):
+                return f"a {image.format} image, not JPEG or PNG"
+            size = image.size
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            image.load()
+    except PermissionError:
+        return "unreadable: permission denied"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken data
+        return f"corrupt: {str(err).splitlines()[0][:80]}"
+    if crop_box is not None:
+        left, top, width, height = crop_box
+        if left + width > size[0] or top + height > size[1]:
+            return f"{size[0]}x{size[1]} is smaller than the crop box {crop_box}"
+    return None
+
+
+def scan_cache_path(
+    cache_dir: str | os.PathLike, files: list[str], crop_box, part: str = ""
+) -> Path:
+    """Where scan results for this data (and crop, and share of it) are kept."""
+    root = os.path.commonpath(files) if files else ""
+    blob = json.dumps([SCAN_VERSION, root, len(files), crop_box, part])
+    return Path(cache_dir) / "scans" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+
+
+def scan_images(
+    files: list[str],
+    crop_box: list[int] | None = None,
+    workers: int | None = None,
+    cache_path: Path | None = None,
+) -> dict[str, str]:
+    """{path: reason} for every file in `files` that training cannot use, checked in parallel.
+
+    With `cache_path`, results are kept per file (size and mtime), so a later scan of the same
+    data only re-checks new or changed files.
+    """
+    known: dict = {}
+    if cache_path is not None and cache_path.is_file():
+        try:
+            known = json.loads(cache_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            known = {}
+
+    def stamp(path: str):
+        try:
+            info = os.stat(path)
+            return [info.st_size, info.st_mtime_ns]
+        except OSError:
+            return None
+
+    stamps = {f: stamp(f) for f in files}
+    todo = [f for f in files if f not in known or known[f][0] != stamps[f] or stamps[f] is None]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for path, reason in zip(
+            todo, pool.map(lambda f: check_image(f, crop_box), todo), strict=True
+        ):
+            known[path] = [stamps[path], reason]
+    if cache_path is not None and todo:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({f: known[f] for f in files}))
+        os.replace(tmp, cache_path)
+    return {f: known[f][1] for f in files if known[f][1] is not None}
 
 
 def steps_per_epoch(num_files: int, num_shards: int, batch_size: int) -> int:
@@ -191,3 +275,30 @@ class ImageLoader:
         """This process's part of a per-position array of the epoch, from `start_step` on."""
         blocks = per_position.reshape(-1, self.num_shards, self.batch_size)
         return blocks[start_step:, self.shard_id].reshape(-1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m distgan.data scan DIR`: list the files training cannot use, and why."""
+    parser = argparse.ArgumentParser(prog="python -m distgan.data")
+    commands = parser.add_subparsers(dest="command", required=True)
+    scan = commands.add_parser("scan", help="list the bad image files in a folder")
+    scan.add_argument("data_dir")
+    scan.add_argument(
+        "--crop-box", type=int, nargs=4, metavar="N", help="also flag images too small for it"
+    )
+    scan.add_argument("--workers", type=int, help="parallel checks (default: all cores)")
+    args = parser.parse_args(argv)
+    try:
+        files = find_images(args.data_dir)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    bad = scan_images(files, args.crop_box, args.workers)
+    for path, reason in bad.items():
+        print(f"{path}: {reason}")
+    print(f"{len(files)} images, {len(bad)} bad", file=sys.stderr)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,3 +6,8 @@ class UserError(ValueError):
 
     Entry points print it without a traceback and exit with status 2.
     """
+
+
+class RunStopped(Exception):
+    """Training cannot usefully go on (its losses stay non-finite); the message says which
+    checkpoint is good and what to change. Entry points print it and exit with status 3."""

@@ -61,6 +61,16 @@ class Runner:
         self.output_name = session.get_outputs()[0].name
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
+        try:
+            return self._run(z)
+        except Exception as err:  # onnxruntime's own error types: a shape or type the model rejects
+            expected = self.session.get_inputs()[0].shape
+            detail = str(err).strip().splitlines()[0][:160]
+            raise UserError(
+                f"the model rejected z of shape {list(z.shape)} (it takes {expected}): {detail}"
+            ) from None
+
+    def _run(self, z: np.ndarray) -> np.ndarray:
         if not self.on_cuda:
             return self.session.run([self.output_name], {self.input_name: z})[0]
         binding = self.session.io_binding()

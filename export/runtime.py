@@ -84,10 +84,12 @@ def model_info(session: ort.InferenceSession, z_dim: int | None = None) -> Model
         shapes = [(i.name, i.shape) for i in inputs]
         raise UserError(f"the model's inputs {shapes} are not one [batch, z_dim] latent input")
     meta = session.get_modelmeta().custom_metadata_map
+    declared = inputs[0].shape[1]
+    if z_dim is not None and isinstance(declared, int) and z_dim != declared:
+        raise UserError(f"--z-dim {z_dim} does not match the model's input [batch, {declared}]")
     if "z_dim" in meta:
         z_dim = z_dim or int(meta["z_dim"])
     elif z_dim is None:
-        declared = inputs[0].shape[1]
         if not isinstance(declared, int):
             raise UserError("the model has no distgan metadata: give its latent size with --z-dim")
         z_dim = declared
