@@ -1,4 +1,8 @@
-"""The one exception type for bad input from the user (config, data, checkpoints, files)."""
+"""Errors for bad input and stopped runs, and the checks shared by the entry points. Imports no
+torch: `python -m export generate` uses it too."""
+
+import os
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -11,3 +15,16 @@ class UserError(ValueError):
 class RunStopped(Exception):
     """Training cannot usefully go on (its losses stay non-finite); the message says which
     checkpoint is good and what to change. Entry points print it and exit with status 3."""
+
+
+def require_writable_dir(path: Path, name: str) -> None:
+    """Create `path` if needed and prove it writable, or fail before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"cannot write to {name} {path} ({err.strerror or err}): pick another --out-dir"
+        ) from None

@@ -29,7 +29,7 @@ from distgan.checkpoint import (
 from distgan.config import Config, DataConfig, parse_args
 from distgan.data import ImageLoader, find_images, scan_cache_path, scan_images
 from distgan.ema import EMA
-from distgan.errors import RunStopped, UserError
+from distgan.errors import RunStopped, UserError, require_writable_dir
 from distgan.faces import builtin_faces_dir, default_cache_dir, ensure_builtin_faces
 from distgan.losses import d_loss, g_loss, gradient_penalty
 from distgan.models import Discriminator, Generator, ModelConfig
@@ -83,19 +83,6 @@ def find_resume_point(resume: str, checkpoints_root: Path) -> Path | None:
         return None
     read_trainer_state(resume)  # checks that it is a complete checkpoint
     return Path(resume)
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Fail before any work if the output folder cannot be written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(
-            f"cannot write to out_dir {out_dir} ({err.strerror or err}): pick another --out-dir"
-        ) from None
 
 
 def prepare_images(accelerator: Accelerator, dc: DataConfig, resolution: int, out_dir: Path):
@@ -250,7 +237,7 @@ def train(cfg: Config) -> Path:
     out_dir = Path(tc.out_dir)
     checkpoints_root = out_dir / "checkpoints"
     if is_main:
-        check_out_dir(out_dir)
+        require_writable_dir(out_dir, "out_dir")
         clean_unfinished(checkpoints_root)  # staging folders of a crash: never resumed from
     accelerator.wait_for_everyone()
 

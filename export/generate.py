@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from distgan.errors import UserError
+from distgan.errors import UserError, require_writable_dir
 from export.runtime import UINT8_OUTPUT, create_session, model_info
 
 
@@ -91,18 +91,6 @@ def save_grid(pixels: np.ndarray, path: Path, columns: int | None = None) -> Non
     Image.fromarray(grid).save(path)
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(
-            f"cannot write to --out-dir {out_dir} ({err.strerror}): pick another folder"
-        ) from None
-
-
 def generate(
     model: str | Path,
     num: int,
@@ -129,7 +117,7 @@ def generate(
     out_dir = Path(out_dir)
     session = create_session(model, device)
     info = model_info(session, z_dim)
-    _check_out_dir(out_dir)
+    require_writable_dir(out_dir, "--out-dir")
     run = Runner(session)
     z_all = latents(num, info.z_dim, seed, truncation)
     paths = [out_dir / f"{i:06d}.png" for i in range(num)]

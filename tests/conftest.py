@@ -77,3 +77,12 @@ def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 600,
 
 def image_array(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def small_run(out_dir, faces_cache, *extra, sample_every: int = 10) -> list:
+    """Flags of a small, fast training run on the cached built-in faces (extra flags win)."""
+    return [
+        "--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240",
+        "--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8",
+        "--log-every", "5", "--sample-every", sample_every, "--ckpt-every", "10", *extra,
+    ]  # fmt: skip

@@ -5,6 +5,7 @@ uninterrupted run; SIGUSR1 checkpoints and exits cleanly, and the relaunch resum
 process ends the whole job quickly and is named."""
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, run_train, write_images
+from conftest import REPO, run_train, small_run, write_images
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -37,12 +38,7 @@ def launcher(processes=2, machines=1, rank=0, port=None):
     return command
 
 
-def small_run(out_dir, faces_cache, *extra):
-    return [
-        "--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240",
-        "--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8",
-        "--log-every", "5", "--sample-every", "100", "--ckpt-every", "10", *extra,
-    ]  # fmt: skip
+small_run = functools.partial(small_run, sample_every=100)
 
 
 def test_two_processes_end_identical_with_one_checkpoint(tmp_path, faces_cache):

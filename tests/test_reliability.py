@@ -5,6 +5,7 @@ an unwritable out dir and a full disk give clear errors and keep the previous ch
 non-finite steps are skipped, rolled back or stop the run; planted pickles and tampered files are
 refused without running code."""
 
+import functools
 import json
 import os
 import random
@@ -17,20 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_train, write_images
+from conftest import REPO, run_train, small_run, write_images
 from PIL import Image
 from safetensors.torch import load_file
 
 from distgan.checkpoint import list_checkpoints
 from distgan.data import ImageLoader, find_images, scan_images
 
-
-def small_run(out_dir, faces_cache, *extra):
-    return [
-        "--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240",
-        "--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8",
-        "--log-every", "5", "--sample-every", "1000", "--ckpt-every", "10", *extra,
-    ]  # fmt: skip
+small_run = functools.partial(small_run, sample_every=1000)
 
 
 def bad_folder(root: Path) -> tuple[Path, dict[str, str]]:

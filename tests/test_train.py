@@ -6,38 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import image_array, run_train
+from conftest import image_array, run_train, small_run
 from safetensors.torch import load_file
 
 from distgan.checkpoint import list_checkpoints, load_generator
 
 pytestmark = pytest.mark.slow
-
-
-def small_run(out_dir, faces_cache, *extra):
-    return [
-        "--out-dir",
-        out_dir,
-        "--cache-dir",
-        faces_cache,
-        "--builtin-faces",
-        "240",
-        "--resolution",
-        "32",
-        "--g-channels",
-        "16",
-        "--d-channels",
-        "16",
-        "--batch-size",
-        "8",
-        "--log-every",
-        "5",
-        "--sample-every",
-        "10",
-        "--ckpt-every",
-        "10",
-        *extra,
-    ]
 
 
 def metrics(out_dir):
