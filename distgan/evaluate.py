@@ -150,10 +150,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     extractor = metrics.make_extractor(args.features, args.inception_weights, device)
     dist = metrics.SingleProcess()
     reference = metrics.real_files(files, args.real_num)
-    key = metrics.real_stats_key(
-        reference, config.resolution, crop_box, len(reference), extractor.name
+    stats_path = metrics.real_stats_path(
+        cache_dir or default_cache_dir(), reference, config.resolution, crop_box, extractor.name
     )
-    stats_path = Path(cache_dir or default_cache_dir()) / "fid-stats" / f"{key}.npz"
     real = metrics.load_stats(stats_path)
     if real is None:
         real = metrics.real_stats(

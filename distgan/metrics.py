@@ -210,6 +210,14 @@ def real_stats_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def real_stats_path(
+    cache_dir, files: list[str], resolution: int, crop_box, extractor_name: str
+) -> Path:
+    """Where the real statistics of `files` are cached (under cache_dir/fid-stats/)."""
+    key = real_stats_key(files, resolution, crop_box, len(files), extractor_name)
+    return Path(cache_dir) / "fid-stats" / f"{key}.npz"
+
+
 def load_stats(path: Path) -> Stats | None:
     if not path.is_file():
         return None

@@ -138,8 +138,10 @@ def prepare_fid(accelerator, tc, dc, files, resolution: int, device_id):
     device = accelerator.device
     extractor = metrics.make_extractor(tc.eval_features, tc.inception_weights, device)
     reference = metrics.real_files(files, tc.eval_real_num)
-    key = metrics.real_stats_key(reference, resolution, dc.crop_box, len(reference), extractor.name)
-    stats_path = Path(dc.cache_dir or default_cache_dir()) / "fid-stats" / f"{key}.npz"
+    cache_dir = dc.cache_dir or default_cache_dir()
+    stats_path = metrics.real_stats_path(
+        cache_dir, reference, resolution, dc.crop_box, extractor.name
+    )
     real_stats = metrics.load_stats(stats_path)
     have = torch.tensor([float(real_stats is not None)], device=device)
     if accelerator.reduce(have, "sum").item() < accelerator.num_processes:  # all, or none, load
