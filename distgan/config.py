@@ -26,6 +26,7 @@ from distgan.models import ModelConfig
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 EVAL_FEATURES = ("inception", "pixels")
+DECODED_CACHE = ("auto", "off")
 
 
 def _require_positive(obj, *names: str) -> None:
@@ -53,6 +54,11 @@ class DataConfig:
     num_threads: int = 2
     """DALI CPU threads per process (decode on CPU, or the host side of GPU decode)."""
 
+    decoded_cache: str = "auto"
+    """auto: when the decoded, resized images fit in memory, decode them once and serve every
+    epoch from a uint8 tensor on the device (GPU memory when it fits, else host memory), with
+    flips done there; otherwise stream from the files each epoch. off: always stream."""
+
     on_bad_image: str = "error"
     """What to do with files DALI cannot decode (corrupt, truncated, not images, unreadable,
     smaller than the crop box), found by a scan at start-up: error (stop before training, with
@@ -66,6 +72,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "num_threads", "builtin_faces")
+        if self.decoded_cache not in DECODED_CACHE:
+            raise ValueError(
+                f"decoded_cache={self.decoded_cache!r} is not allowed: use auto or off"
+            )
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(
                 f"on_bad_image={self.on_bad_image!r} is not allowed: use error or skip"
@@ -124,6 +134,14 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """no, fp16 (CUDA only), bf16, or auto: the launcher's setting if it gave one, else bf16 where
     the hardware computes it natively (recent CPUs and GPUs), else no."""
+
+    channels_last: bool = True
+    """Keep G, D and the image batches in channels-last (NHWC) memory layout: faster convolutions
+    on CPUs (oneDNN) and on tensor-core GPUs (see bench/README.md)."""
+
+    compile: bool = False
+    """torch.compile G and D. Off by default: on this project's CPU benchmark it was no faster
+    than eager channels-last bf16 (bench/README.md). The first step's compile time is printed."""
 
     seed: int = 0
     """Seed of everything: data order, flips, z (offset per process), init."""

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -155,8 +156,32 @@ def shard_layout(
     return blocks.transpose(1, 0, 2).reshape(-1)
 
 
+def memory_for_cache(device: torch.device) -> int:
+    """Bytes a decoded-image cache may take on `device`: a quarter of what is free there, shared
+    by the processes of this machine (each holds its own copy)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            free = int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return 0
+    return free // 4 // local_processes
+
+
 class ImageLoader:
-    """One process's stream of image batches: NCHW float32 in [-1, 1] on the training device."""
+    """One process's stream of image batches: float32 in [-1, 1], shaped NCHW and laid out
+    channels-last (NHWC strides; `.contiguous()` gives the classic layout), on the training
+    device.
+
+    With `decoded_cache="auto"` and enough memory, the first epoch decodes every image once (each
+    process all of them, since every epoch draws a new global order) into a uint8 tensor on the
+    device; epochs are then cut from it with the same order and flips as the streaming pipeline,
+    so the batches are the same either way.
+    """
 
     def __init__(
         self,
@@ -171,12 +196,15 @@ class ImageLoader:
         flip: bool = True,
         num_threads: int = 2,
         device_id: int | None = None,
+        decoded_cache: str = "off",
     ):
         """`shard_id` is the global rank; `device_id` the local CUDA device, or None for CPU."""
         if not files:
             raise ValueError("ImageLoader needs at least one image file")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id={shard_id} is not in [0, {num_shards})")
+        if decoded_cache not in ("auto", "off"):
+            raise ValueError(f"decoded_cache={decoded_cache!r} is not allowed: use auto or off")
         self.files = list(files)
         self.resolution = resolution
         self.batch_size = batch_size
@@ -187,66 +215,59 @@ class ImageLoader:
         self.flip = flip
         self.num_threads = num_threads
         self.device_id = device_id
+        self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.steps_per_epoch = steps_per_epoch(len(files), num_shards, batch_size)
+        self.cache: torch.Tensor | None = None
+        self.cache_bytes = len(self.files) * 3 * resolution * resolution
+        self.cache_planned = decoded_cache == "auto"
 
-    def _pipeline(self, files: list[str], flips: np.ndarray, epoch: int):
+    def _pipeline(self, files: list[str], flips: np.ndarray | None, seed: int, shard: tuple):
+        """DALI: read `files` (shard `shard` = (id, count)), decode, crop, resize, flip by `flips`
+        and normalise to float; without `flips`, no flip and uint8 out (for the cache)."""
         batch_size = self.batch_size
-        flip_batches = (flips[i : i + batch_size] for i in range(0, len(flips), batch_size))
 
         @pipeline_def(
-            batch_size=batch_size,
-            num_threads=self.num_threads,
-            device_id=self.device_id,
-            seed=self.seed * 1000 + epoch,
-        )
+            batch_size=batch_size, num_threads=self.num_threads, device_id=self.device_id,
+            seed=seed,
+        )  # fmt: skip
         def image_pipeline():
             encoded, _ = fn.readers.file(
-                files=files,
-                shard_id=self.shard_id,
-                num_shards=self.num_shards,
-                random_shuffle=False,
+                files=files, shard_id=shard[0], num_shards=shard[1], random_shuffle=False,
                 name="Reader",
-            )
+            )  # fmt: skip
             decode_on = "mixed" if self.device_id is not None else "cpu"
-            images = fn.decoders.image(encoded, device=decode_on, output_type=types.RGB)
-            size = self.resolution
             if self.crop_box is None:
-                images = fn.resize(images, resize_shorter=size, antialias=True)
-                crop = (size, size)  # centred
+                # The centred largest square, decoded alone: rows outside it are skipped.
+                shape = fn.peek_image_shape(encoded)
+                side = fn.cast(dmath.min(shape[0], shape[1]), dtype=types.FLOAT)
+                images = fn.decoders.image_crop(
+                    encoded, device=decode_on, output_type=types.RGB, crop_w=side, crop_h=side
+                )
             else:
                 left, top, width, height = self.crop_box
+                images = fn.decoders.image(encoded, device=decode_on, output_type=types.RGB)
                 images = fn.slice(
                     images, start=[left, top], shape=[width, height], axis_names="WH",
                     out_of_bounds_policy="pad", fill_values=0,
                 )  # fmt: skip
-                images = fn.resize(images, size=[size, size], antialias=True)
-                crop = None
+            size = self.resolution
+            images = fn.resize(images, size=[size, size], antialias=True)
+            if flips is None:
+                return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC")
+            flip_batches = (flips[i : i + batch_size] for i in range(0, len(flips), batch_size))
             mirror = (
                 fn.external_source(source=flip_batches, batch=True, dtype=types.INT32)
                 if self.flip
                 else 0
             )
             return fn.crop_mirror_normalize(
-                images, crop=crop, mirror=mirror, mean=[127.5] * 3, std=[127.5] * 3,
-                dtype=types.FLOAT, output_layout="CHW",
+                images, mirror=mirror, mean=[127.5] * 3, std=[127.5] * 3,
+                dtype=types.FLOAT, output_layout="HWC",
             )  # fmt: skip
 
         return image_pipeline()
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """The batches of `epoch` from `start_step` on (a resumed epoch skips what it has seen).
-
-        Each yielded tensor is DALI's buffer: clone it to keep it past the next batch.
-        """
-        if not 0 <= start_step < self.steps_per_epoch:
-            raise ValueError(f"start_step={start_step} is not in [0, {self.steps_per_epoch})")
-        global_batch = self.num_shards * self.batch_size
-        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
-        flips = epoch_flips(len(order), epoch, self.seed)
-        layout = shard_layout(order, self.num_shards, self.batch_size, start_step)
-        pipe = self._pipeline(
-            [self.files[i] for i in layout], self._share(flips, start_step), epoch
-        )
+    def _run(self, pipe) -> Iterator[torch.Tensor]:
         pipe.build()
         iterator = DALIGenericIterator(
             pipe, ["images"], reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL
@@ -256,6 +277,74 @@ class ImageLoader:
                 yield batch[0]["images"]
         finally:
             del iterator, pipe
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of `epoch` from `start_step` on (a resumed epoch skips what it has seen).
+
+        Each yielded tensor may be a reused buffer: clone it to keep it past the next batch.
+        """
+        if not 0 <= start_step < self.steps_per_epoch:
+            raise ValueError(f"start_step={start_step} is not in [0, {self.steps_per_epoch})")
+        if self.cache_planned:
+            self.build_cache()
+        if self.cache is not None:
+            yield from self._cached_epoch(epoch, start_step)
+            return
+        global_batch = self.num_shards * self.batch_size
+        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
+        flips = epoch_flips(len(order), epoch, self.seed)
+        layout = shard_layout(order, self.num_shards, self.batch_size, start_step)
+        pipe = self._pipeline(
+            [self.files[i] for i in layout], self._share(flips, start_step),
+            self.seed * 1000 + epoch, (self.shard_id, self.num_shards),
+        )  # fmt: skip
+        for images in self._run(pipe):
+            yield images.permute(0, 3, 1, 2)  # NHWC in memory, NCHW to the model
+
+    def build_cache(self) -> torch.Tensor | None:
+        """With decoded_cache="auto", decode and resize every image once into `self.cache`:
+        uint8 [N, R, R, 3] on the training GPU if it fits there, else in (pinned) host memory;
+        None (stream instead) if it fits nowhere. Called by the first epoch, or before it."""
+        if not self.cache_planned:
+            return self.cache
+        self.cache_planned = False
+        if self.cache_bytes <= memory_for_cache(self.device):
+            where = self.device
+        elif self.device.type == "cuda" and self.cache_bytes <= memory_for_cache(
+            torch.device("cpu")
+        ):
+            where = torch.device("cpu")
+        else:
+            return None
+        size = self.resolution
+        cache = torch.empty(
+            (len(self.files), size, size, 3), dtype=torch.uint8, device=where,
+            pin_memory=where.type == "cpu" and self.device.type == "cuda",
+        )  # fmt: skip
+        filled = 0
+        for images in self._run(self._pipeline(self.files, None, self.seed, (0, 1))):
+            cache[filled : filled + images.shape[0]].copy_(images)
+            filled += images.shape[0]
+        self.cache = cache
+        return cache
+
+    def _cached_epoch(self, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
+        """The streaming pipeline's batches, cut from the cache: indices and flips go to the
+        device once per epoch, so a batch costs no host-device sync."""
+        global_batch = self.num_shards * self.batch_size
+        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
+        flips = epoch_flips(len(order), epoch, self.seed) if self.flip else np.zeros_like(order)
+        cache = self.cache
+        indices = torch.from_numpy(self._share(order, start_step)).to(cache.device)
+        mirrored = torch.from_numpy(self._share(flips, start_step).astype(bool)).to(self.device)
+        # DALI normalises as (x - mean) * (1 / std) in float32: the same here, so bitwise equal.
+        scale = torch.tensor(1 / 127.5, dtype=torch.float32, device=self.device)
+        for first in range(0, len(indices), self.batch_size):
+            images = cache.index_select(0, indices[first : first + self.batch_size])
+            images = images.to(self.device, non_blocking=True)
+            flip = mirrored[first : first + self.batch_size].view(-1, 1, 1, 1)
+            images = torch.where(flip, images.flip(2), images)
+            yield images.permute(0, 3, 1, 2).float().sub_(127.5).mul_(scale)
 
     def epoch_files(self, epoch: int, start_step: int = 0) -> list[str]:
         """The files this process reads in `epoch` from `start_step`, in order."""

@@ -24,14 +24,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        weight = 1.0 - self.decay_at(step)
-        for ema_param, param in zip(self.module.parameters(), model.parameters(), strict=True):
-            ema_param.lerp_(param.detach(), weight)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+        # One multi-tensor kernel per list instead of one small kernel per tensor.
+        torch._foreach_lerp_(
+            list(self.module.parameters()), list(model.parameters()), 1.0 - self.decay_at(step)
+        )
+        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+        """Contiguous copies (safetensors stores no strides; the model may be channels-last)."""
+        return {k: v.contiguous() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from distgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
-from distgan.config import Config, DataConfig, parse_args
+from distgan.config import Config, DataConfig, TrainConfig, parse_args
 from distgan.data import ImageLoader, find_images, scan_cache_path, scan_images
 from distgan.ema import EMA
 from distgan.errors import RunStopped, UserError, require_writable_dir
@@ -213,6 +214,88 @@ def check_ddp_consistency(accelerator: Accelerator, modules: dict) -> None:
                 raise RuntimeError(f"{module_name}.{name} differs between processes")
 
 
+@dataclass(kw_only=True)
+class GAN:
+    """What a training step updates: G and D as prepared by Accelerate (DDP, autocast; compiled
+    with --compile), their optimizers, G itself unwrapped, and G's EMA."""
+
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    generator_core: Generator
+    ema: EMA
+
+
+def build_gan(accelerator: Accelerator, model_cfg: ModelConfig, tc: TrainConfig) -> GAN:
+    """The same initial G and D on every process (DDP also broadcasts them), in the memory layout
+    chosen, with fused Adam: one kernel per step, and it skips a step on the device when told its
+    gradients are not finite (`found_inf`)."""
+    set_seed(tc.seed)
+    generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
+    if tc.sync_bn and accelerator.num_processes > 1:
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+    layout = torch.channels_last if tc.channels_last else torch.contiguous_format
+    generator.to(memory_format=layout)
+    discriminator.to(memory_format=layout)
+    ema = EMA(generator, tc.ema_decay)
+    ema.module.to(accelerator.device)
+    betas = (tc.beta1, tc.beta2)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, betas=betas, fused=True)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, betas=betas, fused=True)
+    generator, discriminator, opt_g, opt_d = accelerator.prepare(
+        generator, discriminator, opt_g, opt_d
+    )
+    generator_core = accelerator.unwrap_model(generator)
+    if tc.compile:  # after DDP, so that DDP's bucketing sees the compiled graph's gradients
+        generator, discriminator = torch.compile(generator), torch.compile(discriminator)
+    return GAN(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
+               generator_core=generator_core, ema=ema)  # fmt: skip
+
+
+def gan_step(
+    accelerator: Accelerator, tc: TrainConfig, gan: GAN, real: torch.Tensor, step: int,
+    poison: float = 1.0,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """One D step and one G step on a batch of real images, then the EMA update: all queued on
+    the device, with no host sync. `poison` multiplies the losses (NaN for fault injection).
+    Returns device tensors: loss_d, loss_g, real_logits, fake_logits, and 1.0 if the step was
+    skipped for non-finite gradients, else 0.0."""
+    generator, discriminator = gan.generator, gan.discriminator
+    layout = torch.channels_last if tc.channels_last else torch.contiguous_format
+    real = real.contiguous(memory_format=layout)
+    z = torch.randn(real.shape[0], gan.generator_core.config.z_dim, device=real.device)
+    fake = generator(z)
+
+    # D step: real and fake losses summed, one backward. fake is detached: no G grads.
+    discriminator.requires_grad_(True)
+    real_logits = discriminator(real)
+    fake_logits = discriminator(fake.detach())
+    loss_d = d_loss(tc.loss, real_logits, fake_logits, tc.real_label) * poison
+    if tc.loss == "wgan-gp":
+        penalty = gradient_penalty(discriminator, real, fake, accelerator.scaler)
+        loss_d = loss_d + tc.gp_weight * penalty
+    gan.opt_d.zero_grad(set_to_none=True)
+    accelerator.backward(loss_d)
+    bad_d = nonfinite(discriminator)
+    if accelerator.scaler is None:  # fp16's GradScaler does its own skipping
+        gan.opt_d.optimizer.found_inf = bad_d
+    gan.opt_d.step()
+
+    # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
+    discriminator.requires_grad_(False)
+    loss_g = g_loss(tc.loss, discriminator(fake)) * poison
+    gan.opt_g.zero_grad(set_to_none=True)
+    accelerator.backward(loss_g)
+    bad_g = nonfinite(generator)
+    if accelerator.scaler is None:
+        gan.opt_g.optimizer.found_inf = bad_g
+    gan.opt_g.step()
+    gan.ema.update(gan.generator_core, step)
+    return loss_d, loss_g, real_logits, fake_logits, torch.maximum(bad_d, bad_g)
+
+
 def train(cfg: Config) -> Path:
     """Train G and D as `cfg` says; return the output folder. Works under `accelerate launch`
     with any number of processes and under plain `python`."""
@@ -258,28 +341,26 @@ def train(cfg: Config) -> Path:
         shard_id=accelerator.process_index,  # the global rank
         num_shards=accelerator.num_processes, seed=tc.seed, crop_box=dc.crop_box, flip=dc.flip,
         num_threads=dc.num_threads, device_id=device.index if device.type == "cuda" else None,
+        decoded_cache=dc.decoded_cache,
     )  # fmt: skip
+    if dc.decoded_cache == "auto":
+        build_start = time.perf_counter()
+        cache = loader.build_cache()
+        megabytes = loader.cache_bytes / 2**20
+        accelerator.print(
+            f"decoded-image cache: {len(files)} images, {megabytes:.0f} MiB in {cache.device} "
+            f"memory, decoded in {time.perf_counter() - build_start:.1f} s"
+            if cache is not None
+            else f"streaming images from files: decoded they would take {megabytes:.0f} MiB, more "
+            "than a quarter of the free memory"
+        )
     global_batch = tc.batch_size * accelerator.num_processes
     total_steps = tc.max_steps or tc.epochs * loader.steps_per_epoch
     extractor, real_stats = prepare_fid(accelerator, tc, dc, files, model_cfg.resolution,
                                         loader.device_id)  # fmt: skip
 
-    # Models and optimizers: the same init on every process (DDP also broadcasts it). Fused
-    # Adam skips a step on the device when told its gradients are not finite (`found_inf`).
-    set_seed(tc.seed)
-    generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
-    if tc.sync_bn and accelerator.num_processes > 1:
-        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-    ema = EMA(generator, tc.ema_decay)
-    ema.module.to(device)
-    betas = (tc.beta1, tc.beta2)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, betas=betas, fused=True)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, betas=betas, fused=True)
-    generator, discriminator, opt_g, opt_d = accelerator.prepare(
-        generator, discriminator, opt_g, opt_d
-    )
-    generator_core = accelerator.unwrap_model(generator)
+    gan = build_gan(accelerator, model_cfg, tc)
+    opt_g, opt_d, ema, generator_core = gan.opt_g, gan.opt_d, gan.ema, gan.generator_core
     fixed_z = torch.randn(
         tc.num_samples, model_cfg.z_dim, generator=torch.Generator().manual_seed(tc.seed)
     ).to(device)
@@ -325,6 +406,7 @@ def train(cfg: Config) -> Path:
     progress = tqdm(total=total_steps, initial=step, unit="step", disable=not is_main)
     run_start = time.perf_counter()
     window_start, window_step, io_seconds = run_start, step, 0.0
+    compile_pending = tc.compile
 
     try:
         while step < total_steps and stopped_by is None:
@@ -332,37 +414,11 @@ def train(cfg: Config) -> Path:
             for real in loader.epoch(epoch, start_in_epoch):
                 if is_main and step == 0:
                     save_grid(real[: tc.num_samples].clone(), out_dir / "samples" / "real.png")
-                z = torch.randn(real.shape[0], model_cfg.z_dim, device=device)
-                fake = generator(z)
                 poison = float("nan") if step + 1 in nan_steps else 1.0
                 nan_steps.discard(step + 1)
-
-                # D step: real and fake losses summed, one backward. fake is detached: no G grads.
-                discriminator.requires_grad_(True)
-                real_logits = discriminator(real)
-                fake_logits = discriminator(fake.detach())
-                loss_d = d_loss(tc.loss, real_logits, fake_logits, tc.real_label) * poison
-                if tc.loss == "wgan-gp":
-                    penalty = gradient_penalty(discriminator, real, fake, accelerator.scaler)
-                    loss_d = loss_d + tc.gp_weight * penalty
-                opt_d.zero_grad(set_to_none=True)
-                accelerator.backward(loss_d)
-                bad_d = nonfinite(discriminator)
-                if accelerator.scaler is None:  # fp16's GradScaler does its own skipping
-                    opt_d.optimizer.found_inf = bad_d
-                opt_d.step()
-
-                # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
-                discriminator.requires_grad_(False)
-                loss_g = g_loss(tc.loss, discriminator(fake)) * poison
-                opt_g.zero_grad(set_to_none=True)
-                accelerator.backward(loss_g)
-                bad_g = nonfinite(generator)
-                if accelerator.scaler is None:
-                    opt_g.optimizer.found_inf = bad_g
-                opt_g.step()
-                ema.update(generator_core, step)
-                bad_step = torch.maximum(bad_d, bad_g)
+                loss_d, loss_g, real_logits, fake_logits, bad_step = gan_step(
+                    accelerator, tc, gan, real, step, poison
+                )
                 skipped += bad_step
                 streak = (streak + bad_step) * bad_step
                 worst_streak = torch.maximum(worst_streak, streak)
@@ -370,6 +426,12 @@ def train(cfg: Config) -> Path:
                 step += 1
                 images_seen += global_batch
                 progress.update(1)
+                if compile_pending:  # the first step compiles: time it, keep it out of images/s
+                    loss_g.item()  # waits for the step to finish
+                    compile_pending = False
+                    seconds = time.perf_counter() - window_start
+                    accelerator.print(f"torch.compile: first step (compiling) took {seconds:.1f} s")
+                    window_start, window_step = time.perf_counter(), step
                 last = step == total_steps
                 if fault == (accelerator.process_index, step):
                     raise RuntimeError(f"injected fault at step {step} (DISTGAN_INJECT_FAULT)")
@@ -513,7 +575,8 @@ def train(cfg: Config) -> Path:
             print(f"stopped by {stopped_by} at step {step}: checkpoint written; the same command "
                   "resumes from it", flush=True)  # fmt: skip
     else:
-        check_ddp_consistency(accelerator, {"G": generator_core, "D": discriminator,
+        check_ddp_consistency(accelerator, {"G": generator_core,
+                                            "D": accelerator.unwrap_model(gan.discriminator),
                                             "EMA G": ema.module})  # fmt: skip
         if is_main:
             if accelerator.num_processes > 1:

@@ -58,6 +58,7 @@ def test_every_field_has_a_documented_flag():
         (["--mixed-precision", "fp8"], "mixed_precision='fp8'"),
         (["--crop-box", "1", "2", "3"], "crop_box=[1, 2, 3]"),
         (["--ema-decay", "1.5"], "ema_decay=1.5"),
+        (["--decoded-cache", "on"], "decoded_cache='on' is not allowed: use auto or off"),
     ],
 )
 def test_bad_values_fail_with_the_key_and_the_fix(argv, message):

@@ -1,6 +1,7 @@
 """Data: the DALI pipeline on generated image folders: shape, dtype, range and exact colours;
 PNG, RGBA and grayscale inputs; the crop box; flips; sharding (disjoint, covering, equal step
-counts, and DALI reading exactly the planned files); and mid-epoch resume."""
+counts, and DALI reading exactly the planned files); mid-epoch resume; and the decoded-image cache
+(bitwise the streaming batches, and streaming when memory is short)."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from conftest import colour_index, solid_colour, write_images
 from PIL import Image
 
+from distgan import data as data_module
 from distgan.data import ImageLoader, epoch_order, find_images, steps_per_epoch
 
 
@@ -133,3 +135,50 @@ def test_bad_folders_are_named(tmp_path):
     (tmp_path / "empty" / "readme.md").write_text("no images")
     with pytest.raises(ValueError, match="holds no images"):
         find_images(tmp_path / "empty")
+
+
+def noise_images(folder, count: int, size=(40, 30)) -> list[str]:
+    """Random-noise JPEGs: every pixel differs, so any mismatch of image, crop or flip shows."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+    return find_images(folder)
+
+
+@pytest.mark.parametrize("crop_box", [None, [4, 2, 24, 20]])
+def test_decoded_cache_gives_exactly_the_streaming_batches(tmp_path, crop_box):
+    files = noise_images(tmp_path / "noise", 13)  # 13: the last global batch is padded
+    for shard in (0, 1):
+        options = dict(flip=True, shard_id=shard, num_shards=2, batch_size=3, seed=5,
+                       crop_box=crop_box)  # fmt: skip
+        streaming = loader(files, decoded_cache="off", **options)
+        cached = loader(files, decoded_cache="auto", **options)
+        for epoch, start in ((0, 0), (1, 1), (3, 0)):  # new orders and flips; a resumed epoch
+            a = [b.clone() for b in streaming.epoch(epoch, start)]
+            b = [b.clone() for b in cached.epoch(epoch, start)]
+            assert len(a) == len(b) == 3 - start
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y)
+        assert streaming.cache is None
+        assert cached.cache.dtype == torch.uint8 and cached.cache.shape == (13, 32, 32, 3)
+
+
+def test_batches_are_nchw_laid_out_channels_last(jpeg_folder):
+    files = find_images(jpeg_folder)
+    for mode in ("off", "auto"):
+        batch = next(loader(files, decoded_cache=mode).epoch(0))
+        assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_decoded_cache_streams_when_memory_is_short(monkeypatch, jpeg_folder):
+    files = find_images(jpeg_folder)
+    monkeypatch.setattr(data_module, "memory_for_cache", lambda device: 0)
+    short = loader(files, decoded_cache="auto", flip=True)
+    assert short.build_cache() is None
+    expected = [b.clone() for b in loader(files, flip=True).epoch(0)]
+    got = [b.clone() for b in short.epoch(0)]
+    assert short.cache is None and len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

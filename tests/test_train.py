@@ -135,3 +135,36 @@ def test_bad_input_fails_early_with_one_line(tmp_path, faces_cache):
     assert again.returncode == 2 and "already holds a run" in again.stderr
     bad = run_train(*small_run(out, faces_cache, "--resume", tmp_path / "nope"))
     assert bad.returncode == 2 and "not a complete distgan checkpoint" in bad.stderr
+
+
+def test_decoded_cache_and_streaming_train_the_same_weights(tmp_path, faces_cache):
+    cached, streamed = tmp_path / "cached", tmp_path / "streamed"
+    result = run_train(*small_run(cached, faces_cache, "--max-steps", "10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "decoded-image cache: 240 images" in result.stdout
+    result = run_train(*small_run(streamed, faces_cache, "--max-steps", "10",
+                                  "--decoded-cache", "off"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "decoded-image cache" not in result.stdout
+    a, b = (
+        load_file(cached / "generator.safetensors"),
+        load_file(streamed / "generator.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layouts_and_compile_train(tmp_path, faces_cache):
+    out = tmp_path / "classic"
+    result = run_train(*small_run(out, faces_cache, "--max-steps", "10", "--no-channels-last"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    classic = metrics(out)
+    out = tmp_path / "compiled"
+    result = run_train(*small_run(out, faces_cache, "--max-steps", "10", "--compile"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.compile: first step (compiling) took" in result.stdout
+    compiled = metrics(out)
+    assert [r["step"] for r in compiled] == [r["step"] for r in classic] == [5, 10]
+    for a, b in zip(classic, compiled, strict=True):  # the same training, up to rounding
+        assert abs(a["loss_d"] - b["loss_d"]) < 0.1 * abs(a["loss_d"]) + 0.05
+    generator, _ = load_generator(out)
+    assert all(torch.isfinite(p).all() for p in generator.state_dict().values())

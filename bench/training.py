@@ -1,0 +1,118 @@
+"""Training-step figures: the reference loop against the project's step (`distgan.train.gan_step`
+on G and D built by `distgan.train.build_gan`, the trainer's own code) in each precision and
+layout, plus FLOP counts and a profile."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.reference_dcgan import ReferenceDCGAN
+from bench.timing import synchronize
+from distgan.config import TrainConfig
+from distgan.models import ModelConfig
+from distgan.train import build_gan, gan_step
+
+RESOLUTION = 64
+
+
+def fresh_accelerator(mixed_precision: str, device: torch.device) -> Accelerator:
+    """An Accelerator of the given precision. Accelerate keeps one state per process and refuses
+    a second precision, so it is started anew for each variant (as Accelerate's own tests do);
+    variants built earlier keep their autocast wrappers and scalers."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+
+
+def real_batch(batch_size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Random images in [-1, 1] laid out as each loader delivers them: DALI's NHWC seen as NCHW
+    for the project, contiguous NCHW (DataLoader) for the reference."""
+    images = torch.rand(batch_size, RESOLUTION, RESOLUTION, 3, device=device) * 2 - 1
+    images = images.permute(0, 3, 1, 2)
+    return images if channels_last else images.contiguous()
+
+
+class ReferenceRun:
+    """The pytorch/examples-style loop, fp32 eager."""
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.batch_size, self.device = batch_size, device
+        self.model = ReferenceDCGAN(device)
+        self.real = real_batch(batch_size, device, channels_last=False)
+
+    def step(self) -> None:
+        self.model.step(self.real)  # reads its losses with .item(): it waits for the device
+
+    def steps(self, count: int) -> int:
+        for _ in range(count):
+            self.step()
+        synchronize(self.device)
+        return count * self.batch_size
+
+
+class TrainerRun:
+    """The project's training step with one choice of precision, layout and compilation."""
+
+    def __init__(self, batch_size: int, device: torch.device, *, precision: str,
+                 channels_last: bool, compile: bool):  # fmt: skip
+        self.batch_size, self.device = batch_size, device
+        self.accelerator = fresh_accelerator(precision, device)
+        self.config = TrainConfig(
+            batch_size=batch_size, mixed_precision=precision, channels_last=channels_last,
+            compile=compile,
+        )  # fmt: skip
+        self.gan = build_gan(self.accelerator, ModelConfig(resolution=RESOLUTION), self.config)
+        self.real = real_batch(batch_size, device, channels_last=True)
+        self.step_index = 0
+        self.last = None
+
+    def step(self) -> None:
+        self.last = gan_step(self.accelerator, self.config, self.gan, self.real, self.step_index)
+        self.step_index += 1
+
+    def steps(self, count: int) -> int:
+        for _ in range(count):
+            self.step()
+        self.last[1].item()  # the trainer's only kind of sync: a log step reading the losses
+        synchronize(self.device)
+        return count * self.batch_size
+
+
+def warm_up(run, steps: int = 2) -> float:
+    """Run the first steps (compilation, allocator, algorithm choice); seconds they took."""
+    start = time.perf_counter()
+    run.steps(steps)
+    return time.perf_counter() - start
+
+
+def flops_per_image(run) -> float:
+    """FLOPs of one training step per image, as torch.utils.flop_counter counts them (matmuls
+    and convolutions, forward and backward)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run.step()
+    synchronize(run.device)
+    return counter.get_total_flops() / run.batch_size
+
+
+def top_ops(run, steps: int, limit: int = 12) -> list[dict]:
+    """The ops with the most self time over `steps` steps (CUDA time on a GPU)."""
+    on_gpu = run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        run.steps(steps)
+    events = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:limit]
+    return [
+        {"op": e.key, "ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
+         "percent": round(100 * getattr(e, key) / total, 1), "calls_per_step": e.count // steps}
+        for e in ranked
+    ]  # fmt: skip
