@@ -226,6 +226,12 @@ class TrainConfig:
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not allowed: use one of {', '.join(LOSSES)}")
+        if self.compile and self.loss == "wgan-gp":
+            raise ValueError(
+                "compile=True does not work with loss='wgan-gp': its gradient penalty needs a "
+                "double backward, which torch.compile does not support; drop --compile or use "
+                "another loss"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision={self.mixed_precision!r} is not allowed: "

@@ -303,8 +303,8 @@ class ImageLoader:
 
     def build_cache(self) -> torch.Tensor | None:
         """With decoded_cache="auto", decode and resize every image once into `self.cache`:
-        uint8 [N, R, R, 3] on the training GPU if it fits there, else in (pinned) host memory;
-        None (stream instead) if it fits nowhere. Called by the first epoch, or before it."""
+        uint8 [N, R, R, 3] on the training GPU if it fits there, else in host memory; None
+        (stream instead) if it fits nowhere. Called by the first epoch, or before it."""
         if not self.cache_planned:
             return self.cache
         self.cache_planned = False
@@ -317,10 +317,7 @@ class ImageLoader:
         else:
             return None
         size = self.resolution
-        cache = torch.empty(
-            (len(self.files), size, size, 3), dtype=torch.uint8, device=where,
-            pin_memory=where.type == "cpu" and self.device.type == "cuda",
-        )  # fmt: skip
+        cache = torch.empty((len(self.files), size, size, 3), dtype=torch.uint8, device=where)
         filled = 0
         for images in self._run(self._pipeline(self.files, None, self.seed, (0, 1))):
             cache[filled : filled + images.shape[0]].copy_(images)
@@ -339,9 +336,17 @@ class ImageLoader:
         mirrored = torch.from_numpy(self._share(flips, start_step).astype(bool)).to(self.device)
         # DALI normalises as (x - mean) * (1 / std) in float32: the same here, so bitwise equal.
         scale = torch.tensor(1 / 127.5, dtype=torch.float32, device=self.device)
+        staged = cache.device != self.device  # a host cache feeding a GPU
         for first in range(0, len(indices), self.batch_size):
-            images = cache.index_select(0, indices[first : first + self.batch_size])
-            images = images.to(self.device, non_blocking=True)
+            batch_indices = indices[first : first + self.batch_size]
+            if staged:  # gather into pinned memory, so the copy to the GPU runs asynchronously
+                pinned = torch.empty(
+                    (len(batch_indices), *cache.shape[1:]), dtype=cache.dtype, pin_memory=True
+                )
+                images = torch.index_select(cache, 0, batch_indices, out=pinned)
+                images = images.to(self.device, non_blocking=True)
+            else:
+                images = cache.index_select(0, batch_indices)
             flip = mirrored[first : first + self.batch_size].view(-1, 1, 1, 1)
             images = torch.where(flip, images.flip(2), images)
             yield images.permute(0, 3, 1, 2).float().sub_(127.5).mul_(scale)

@@ -248,7 +248,7 @@ def build_gan(accelerator: Accelerator, model_cfg: ModelConfig, tc: TrainConfig)
         generator, discriminator, opt_g, opt_d
     )
     generator_core = accelerator.unwrap_model(generator)
-    if tc.compile:  # after DDP, so that DDP's bucketing sees the compiled graph's gradients
+    if tc.compile:  # around DDP, as PyTorch advises: the graph is split at gradient buckets
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
     return GAN(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
                generator_core=generator_core, ema=ema)  # fmt: skip

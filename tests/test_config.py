@@ -59,6 +59,7 @@ def test_every_field_has_a_documented_flag():
         (["--crop-box", "1", "2", "3"], "crop_box=[1, 2, 3]"),
         (["--ema-decay", "1.5"], "ema_decay=1.5"),
         (["--decoded-cache", "on"], "decoded_cache='on' is not allowed: use auto or off"),
+        (["--compile", "--loss", "wgan-gp"], "does not work with loss='wgan-gp'"),
     ],
 )
 def test_bad_values_fail_with_the_key_and_the_fix(argv, message):
