@@ -211,8 +211,9 @@ def tables(result: dict) -> str:
             f"### Training step, 64x64, batch {batch} (GFLOP per image: reference "
             f"{counted['reference fp32'] / 1e9:.2f}, project {counted['fp32'] / 1e9:.2f})",
             "",
-            "| step | images/s | vs reference | TFLOP/s | % of matmul peak | peak MiB |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| step | images/s | vs reference | TFLOP/s | % of matmul peak | peak MiB "
+            "| first 2 steps, s (compile) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, value in rates.items():
             precision = section["precision"][name]
@@ -223,7 +224,8 @@ def tables(result: dict) -> str:
             lines.append(
                 f"| {name} | {value['median']:.1f} | {value['median'] / reference:.2f}x | "
                 f"{achieved:.3f} | {100 * achieved / peak:.0f}% | "
-                f"{'-' if memory is None else f'{memory:.0f}'} |"
+                f"{'-' if memory is None else f'{memory:.0f}'} | "
+                f"{section['warm_up_seconds'][name]:.1f} |"
             )
     lines += [
         "",
