@@ -331,10 +331,11 @@ class ImageLoader:
         device once per epoch, so a batch costs no host-device sync."""
         global_batch = self.num_shards * self.batch_size
         order = epoch_order(len(self.files), epoch, self.seed, global_batch)
-        flips = epoch_flips(len(order), epoch, self.seed) if self.flip else np.zeros_like(order)
         cache = self.cache
         indices = torch.from_numpy(self._share(order, start_step)).to(cache.device)
-        mirrored = torch.from_numpy(self._share(flips, start_step).astype(bool)).to(self.device)
+        if self.flip:
+            flips = self._share(epoch_flips(len(order), epoch, self.seed), start_step)
+            mirrored = torch.from_numpy(flips.astype(bool)).to(self.device)
         # DALI normalises as (x - mean) * (1 / std) in float32: the same here, so bitwise equal.
         scale = torch.tensor(1 / 127.5, dtype=torch.float32, device=self.device)
         staged = cache.device != self.device  # a host cache feeding a GPU
@@ -348,8 +349,9 @@ class ImageLoader:
                 images = images.to(self.device, non_blocking=True)
             else:
                 images = cache.index_select(0, batch_indices)
-            flip = mirrored[first : first + self.batch_size].view(-1, 1, 1, 1)
-            images = torch.where(flip, images.flip(2), images)
+            if self.flip:
+                flip = mirrored[first : first + self.batch_size].view(-1, 1, 1, 1)
+                images = torch.where(flip, images.flip(2), images)
             yield images.permute(0, 3, 1, 2).float().sub_(127.5).mul_(scale)
 
     def epoch_files(self, epoch: int, start_step: int = 0) -> list[str]:
