@@ -150,6 +150,7 @@ def measure_training(args, device: torch.device) -> tuple[dict, list]:
             "warm_up_seconds": warm,
             "steps_per_round": steps,
             "flops_per_image": flops,
+            "precision": {name: run.precision for name, run in variants.items()},
         }
         runs.append((batch, variants))
     return results, runs
@@ -345,10 +346,6 @@ def main(argv: list[str] | None = None) -> None:
             section = result["training"][batch]
             section["peak_memory_mib"] = {
                 name: round(timing.peak_memory_mib(run.step, device), 1) if measurable else None
-                for name, run in variants.items()
-            }
-            section["precision"] = {
-                name: getattr(getattr(run, "config", None), "mixed_precision", "no")
                 for name, run in variants.items()
             }
         del runs

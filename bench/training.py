@@ -41,6 +41,8 @@ def real_batch(batch_size: int, device: torch.device, channels_last: bool) -> to
 class ReferenceRun:
     """The pytorch/examples-style loop, fp32 eager."""
 
+    precision = "no"
+
     def __init__(self, batch_size: int, device: torch.device):
         self.batch_size, self.device = batch_size, device
         self.model = ReferenceDCGAN(device)
@@ -61,7 +63,7 @@ class TrainerRun:
 
     def __init__(self, batch_size: int, device: torch.device, *, precision: str,
                  channels_last: bool, compile: bool):  # fmt: skip
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.precision = batch_size, device, precision
         self.accelerator = fresh_accelerator(precision, device)
         self.config = TrainConfig(
             batch_size=batch_size, mixed_precision=precision, channels_last=channels_last,
