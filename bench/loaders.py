@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from bench.timing import synchronize
-from distgan.data import ImageLoader, find_images
+from distgan.data import ImageLoader, dali_device_id, find_images
 
 CELEBA_SIZE = (178, 218)  # width, height of CelebA's aligned images
 
@@ -39,27 +39,26 @@ def make_celeba_like_folder(folder: Path, count: int, seed: int = 0) -> tuple[li
 def torchvision_loader(folder: Path, resolution: int, batch_size: int, workers: int, device):
     """ImageFolder + DataLoader: PIL decode, resize of the shorter side, centre crop, flip,
     normalise to [-1, 1]; shuffled; persistent workers (kinder to it than the default)."""
-    transform = transforms.Compose([
+    steps = [
         transforms.Resize(resolution, antialias=True),
         transforms.CenterCrop(resolution),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ])  # fmt: skip
-    return DataLoader(
-        datasets.ImageFolder(str(folder), transform=transform), batch_size=batch_size,
-        shuffle=True, num_workers=workers, persistent_workers=True,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    ]
+    dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+    loading = dict(num_workers=workers, persistent_workers=True, pin_memory=device.type == "cuda")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, **loading)
 
 
-def data_work(folder: Path, files: list[str], *, resolution: int, batch_size: int, workers: int,
-              device: torch.device) -> tuple[dict, float]:  # fmt: skip
-    """({name: one-epoch work function}, seconds the cache took to build). Every loader delivers
-    float batches on `device`, as training consumes them."""
-    device_id = (device.index or 0) if device.type == "cuda" else None
-    common = dict(resolution=resolution, batch_size=batch_size, shard_id=0, num_shards=1, seed=0,
-                  num_threads=workers, device_id=device_id)  # fmt: skip
+def data_work(
+    folder: Path, *, resolution: int, batch_size: int, workers: int, device: torch.device
+) -> tuple[dict, float]:
+    """({name: one-epoch work function}, seconds the cache took to build) for the images in
+    `folder`. Every loader delivers float batches on `device`, as training consumes them."""
+    files = find_images(folder)
+    one_process = dict(shard_id=0, num_shards=1, seed=0, device_id=dali_device_id(device))
+    common = dict(resolution=resolution, batch_size=batch_size, num_threads=workers, **one_process)
     streaming = ImageLoader(files, decoded_cache="off", **common)
     cached = ImageLoader(files, decoded_cache="auto", **common)
     start = time.perf_counter()

@@ -26,7 +26,7 @@ from bench import loaders, timing, training
 from distgan.checkpoint import save_generator
 from distgan.config import TrainConfig
 from distgan.models import Generator, ModelConfig
-from distgan.train import cpu_has_native_bf16, resolve_mixed_precision
+from distgan.train import configure_kernels, cpu_has_native_bf16, resolve_mixed_precision
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,15 +100,10 @@ def measure_peaks(device: torch.device, size: int, rounds: int) -> dict[str, flo
 
 
 def measure_data(args, device: torch.device, workdir: Path) -> dict:
-    files, mean_kib = loaders.make_celeba_like_folder(workdir / "jpegs", args.data_images)
-    work, cache_seconds = loaders.data_work(
-        workdir / "jpegs",
-        files,
-        resolution=training.RESOLUTION,
-        batch_size=args.data_batch,
-        workers=args.workers,
-        device=device,
-    )
+    folder = workdir / "jpegs"
+    files, mean_kib = loaders.make_celeba_like_folder(folder, args.data_images)
+    loading = dict(batch_size=args.data_batch, workers=args.workers, device=device)
+    work, cache_seconds = loaders.data_work(folder, resolution=training.RESOLUTION, **loading)
     rates = timing.paired_rates(work, args.rounds)
     return {
         "images": len(files),
@@ -312,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         print("error: --rounds must be at least 5 for a median worth reporting", file=sys.stderr)
         sys.exit(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configure_kernels(deterministic=False)  # as the trainer runs by default: cuDNN autotuning
     started = time.perf_counter()
     info = machine_info(device)
     print(

@@ -61,14 +61,19 @@ class ReferenceRun:
 class TrainerRun:
     """The project's training step with one choice of precision, layout and compilation."""
 
-    def __init__(self, batch_size: int, device: torch.device, *, precision: str,
-                 channels_last: bool, compile: bool):  # fmt: skip
+    def __init__(
+        self,
+        batch_size: int,
+        device: torch.device,
+        *,
+        precision: str,
+        channels_last: bool,
+        compile: bool,
+    ):
         self.batch_size, self.device, self.precision = batch_size, device, precision
         self.accelerator = fresh_accelerator(precision, device)
-        self.config = TrainConfig(
-            batch_size=batch_size, mixed_precision=precision, channels_last=channels_last,
-            compile=compile,
-        )  # fmt: skip
+        options = dict(mixed_precision=precision, channels_last=channels_last, compile=compile)
+        self.config = TrainConfig(batch_size=batch_size, **options)
         self.gan = build_gan(self.accelerator, ModelConfig(resolution=RESOLUTION), self.config)
         self.real = real_batch(batch_size, device, channels_last=True)
         self.step_index = 0
@@ -114,7 +119,11 @@ def top_ops(run, steps: int, limit: int = 12) -> list[dict]:
     total = sum(getattr(e, key) for e in events) or 1.0
     ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:limit]
     return [
-        {"op": e.key, "ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
-         "percent": round(100 * getattr(e, key) / total, 1), "calls_per_step": e.count // steps}
+        {
+            "op": e.key,
+            "ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
+            "percent": round(100 * getattr(e, key) / total, 1),
+            "calls_per_step": e.count // steps,
+        }
         for e in ranked
-    ]  # fmt: skip
+    ]

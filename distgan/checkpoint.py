@@ -12,11 +12,12 @@ with `weights_only=True`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import pickle
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -26,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from distgan import __version__
 from distgan.ema import EMA
-from distgan.errors import UserError
+from distgan.errors import UserError, first_line
+from distgan.files import write_atomically, write_json_atomically
 from distgan.models import Generator, ModelConfig
 
 STATE_FILE = "trainer_state.json"
@@ -37,13 +39,43 @@ GENERATOR_FORMAT = "distgan-generator"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass(kw_only=True)
+class TrainerState:
+    """Where a run is, beyond its weights: written into every checkpoint's trainer_state.json
+    (by `to_json`) and read back from it (by `read_trainer_state`), nowhere else."""
+
+    step: int
+    """Optimizer steps done."""
+
+    model: ModelConfig
+    """The architecture, so that a resume rebuilds exactly the same shapes."""
+
+    images_seen: int = 0
+    """Real images fed to D so far, over all processes."""
+
+    wall_time: float = 0.0
+    """Seconds of training so far, over every resumed part of the run."""
+
+    global_batch: int | None = None
+    """Images per step over all processes (None in checkpoints that predate it)."""
+
+    lr_scale: float = 1.0
+    """Factor on both learning rates, lowered by each rollback after non-finite steps."""
+
+    best_fid: float | None = None
+    """The best FID measured during training, if any."""
+
+    best_step: int | None = None
+    """The step of that FID."""
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainerState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        return cls(**{**values, "model": ModelConfig.from_dict(values["model"])})
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -63,13 +95,12 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def read_trainer_state(path: str | Path) -> dict:
-    """The JSON state of a checkpoint folder, checked to be one of ours."""
+def read_trainer_state(path: str | Path) -> TrainerState:
+    """The state of a checkpoint folder, checked to be one of ours."""
     state_path = Path(path) / STATE_FILE
     try:
-        state = json.loads(state_path.read_text())
-        ModelConfig.from_dict(state["model"])
-        int(state["step"])
+        state = TrainerState.from_json(json.loads(state_path.read_text()))
+        int(state.step)
     except FileNotFoundError:
         raise UserError(
             f"{path} is not a complete distgan checkpoint (no {STATE_FILE}): pass a "
@@ -99,15 +130,15 @@ def clean_unfinished(root: str | Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, root: Path, step: int, ema: EMA, state: dict, keep: int
+    accelerator: Accelerator, root: Path, ema: EMA, state: TrainerState, keep: int
 ) -> Path:
-    """Write the checkpoint of `step` (call on every process), then keep only the newest `keep`.
+    """Write the checkpoint of `state.step` (call on every process), then keep the newest `keep`.
 
     Nothing the user had is touched until the new checkpoint is complete; if writing fails (a
     full disk), the partial one is removed and the error says which checkpoint is intact.
     """
     root = Path(root)
-    final = checkpoint_dir(root, step)
+    final = checkpoint_dir(root, state.step)
     staging = root / f".staging-{final.name}"
     try:
         if accelerator.is_main_process:
@@ -118,12 +149,13 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_file(ema.state_dict(), str(staging / EMA_FILE))
-            _write_json_atomically(staging / STATE_FILE, state)  # the completion marker: last
+            # The completion marker: last.
+            write_json_atomically(staging / STATE_FILE, state.to_json(), indent=2)
     except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(staging, ignore_errors=True)
         kept = list_checkpoints(root)
         intact = f"the previous checkpoint {kept[-1]} is intact" if kept else "no checkpoint yet"
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 160)
         raise UserError(
             f"could not write checkpoint {final.name} in {root} ({reason}); {intact}: free some "
             "space (or move --out-dir) and run the same command to resume"
@@ -138,7 +170,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path, ema: EMA) -> dict:
+def load_checkpoint(accelerator: Accelerator, path: str | Path, ema: EMA) -> TrainerState:
     """Restore G, D, optimizers, scaler, RNG and EMA from a checkpoint folder; return its state."""
     path = Path(path)
     state = read_trainer_state(path)
@@ -149,11 +181,9 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, ema: EMA) -> dic
         ema.load_state_dict(load_file(str(path / EMA_FILE)))  # copied onto the EMA's device
     except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
         # weights_only loading refuses pickled code with UnpicklingError: never executed.
-        first_line = (
-            str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        )
+        reason = first_line(err)
         raise UserError(
-            f"checkpoint {path} could not be loaded ({first_line}): resume from another checkpoint "
+            f"checkpoint {path} could not be loaded ({reason}): resume from another checkpoint "
             "(--resume PATH) or start a new run (--resume none with a new --out-dir)"
         ) from None
     return state
@@ -166,11 +196,11 @@ def save_generator(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()}
-    tmp = out_dir / f".{GENERATOR_WEIGHTS}.tmp-{os.getpid()}"
-    save_file(weights, str(tmp), metadata={"format": GENERATOR_FORMAT})
-    os.replace(tmp, out_dir / GENERATOR_WEIGHTS)
+    tagged = {"metadata": {"format": GENERATOR_FORMAT}}
+    path = out_dir / GENERATOR_WEIGHTS
+    write_atomically(path, lambda tmp: save_file(weights, str(tmp), **tagged))
     config = generator.config
-    _write_json_atomically(
+    write_json_atomically(
         out_dir / GENERATOR_META,
         {
             "format": GENERATOR_FORMAT,
@@ -210,8 +240,8 @@ def load_generator(path: str | Path) -> tuple[Generator, dict]:
     try:
         generator.load_state_dict(load_file(str(weights_path)))
     except (SafetensorError, OSError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0]
         raise UserError(
-            f"{weights_path} does not hold the weights {meta_path.name} describes ({first_line})"
+            f"{weights_path} does not hold the weights {meta_path.name} describes "
+            f"({first_line(err)})"
         ) from None
     return generator.eval().requires_grad_(False), meta

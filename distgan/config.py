@@ -12,28 +12,48 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import tomli_w
 
 from distgan.errors import UserError
-from distgan.losses import LOSSES
+from distgan.files import write_text_atomically
+from distgan.losses import Loss
 from distgan.models import ModelConfig
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-EVAL_FEATURES = ("inception", "pixels")
-DECODED_CACHE = ("auto", "off")
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+EvalFeatures = Literal["inception", "pixels"]
+EVAL_FEATURES = typing.get_args(EvalFeatures)
 
 
 def _require_positive(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value is not None and (isinstance(value, bool) or value <= 0):
-            raise ValueError(f"{name}={value!r} is not allowed: use a number > 0")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}={value!r} is not allowed: use a finite number > 0")
+
+
+def _choices(hint) -> tuple | None:
+    """The allowed values of a Literal[...] field (also inside `X | None`), else None."""
+    base, _ = _base_type(hint)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else None
+
+
+def _require_choices(obj) -> None:
+    """Every Literal field holds one of its values: one check for all of them."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        allowed, value = _choices(hint), getattr(obj, name)
+        if allowed and value not in allowed and value is not None:
+            listed = " or ".join(allowed) if len(allowed) == 2 else "one of " + ", ".join(allowed)
+            raise ValueError(f"{name}={value!r} is not allowed: use {listed}")
 
 
 @dataclass(kw_only=True)
@@ -54,12 +74,12 @@ class DataConfig:
     num_threads: int = 2
     """DALI CPU threads per process (decode on CPU, or the host side of GPU decode)."""
 
-    decoded_cache: str = "auto"
+    decoded_cache: Literal["auto", "off"] = "auto"
     """auto: when the decoded, resized images fit in memory, decode them once and serve every
     epoch from a uint8 tensor on the device (GPU memory when it fits, else host memory), with
     flips done there; otherwise stream from the files each epoch. off: always stream."""
 
-    on_bad_image: str = "error"
+    on_bad_image: Literal["error", "skip"] = "error"
     """What to do with files DALI cannot decode (corrupt, truncated, not images, unreadable,
     smaller than the crop box), found by a scan at start-up: error (stop before training, with
     the list) or skip (train on the rest)."""
@@ -72,14 +92,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "num_threads", "builtin_faces")
-        if self.decoded_cache not in DECODED_CACHE:
-            raise ValueError(
-                f"decoded_cache={self.decoded_cache!r} is not allowed: use auto or off"
-            )
-        if self.on_bad_image not in ("error", "skip"):
-            raise ValueError(
-                f"on_bad_image={self.on_bad_image!r} is not allowed: use error or skip"
-            )
+        _require_choices(self)
         if self.crop_box is not None:
             box = list(self.crop_box)
             if len(box) != 4 or any(not isinstance(v, int) for v in box):
@@ -92,6 +105,13 @@ class DataConfig:
                     f"crop_box={box} is not allowed: left/top must be >= 0, width/height > 0"
                 )
             self.crop_box = box
+
+
+POSITIVE_TRAIN_FIELDS = (
+    *("batch_size", "max_steps", "epochs", "lr_g", "lr_d", "gp_weight", "log_every"),
+    *("sample_every", "ckpt_every", "keep_checkpoints", "num_samples", "dist_timeout"),
+    *("eval_every", "eval_num", "eval_real_num", "nonfinite_limit"),
+)
 
 
 @dataclass(kw_only=True)
@@ -122,7 +142,7 @@ class TrainConfig:
     beta2: float = 0.999
     """Adam beta2."""
 
-    loss: str = "bce"
+    loss: Loss = "bce"
     """GAN loss: bce (non-saturating, with label smoothing), hinge, or wgan-gp."""
 
     real_label: float = 0.9
@@ -131,7 +151,7 @@ class TrainConfig:
     gp_weight: float = 10.0
     """Weight of the gradient penalty with loss=wgan-gp."""
 
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = "auto"
     """no, fp16 (CUDA only), bf16, or auto: the launcher's setting if it gave one, else bf16 where
     the hardware computes it natively (recent CPUs and GPUs), else no."""
 
@@ -142,6 +162,12 @@ class TrainConfig:
     compile: bool = False
     """torch.compile G and D. Off by default: on this project's CPU benchmark it was no faster
     than eager channels-last bf16 (bench/README.md). The first step's compile time is printed."""
+
+    deterministic: bool = False
+    """Deterministic GPU kernels (cuDNN, cuBLAS) and no cuDNN autotuning, so that on a GPU a
+    resumed run matches an uninterrupted one, and cached data matches streamed, bit for bit (on
+    the CPU they always do). Off: cuDNN picks the fastest kernels, whose backward is not
+    deterministic."""
 
     seed: int = 0
     """Seed of everything: data order, flips, z (offset per process), init."""
@@ -174,7 +200,7 @@ class TrainConfig:
     """Reference images for the real statistics, chosen by a fixed seed (unset: all of them).
     Computed once per dataset, resolution, crop and extractor, then cached."""
 
-    eval_features: str = "inception"
+    eval_features: EvalFeatures = "inception"
     """Feature extractor: inception (the standard FID Inception-v3, via torch-fidelity) or pixels
     (8x8 pixel means: a smoke test, not comparable to FID)."""
 
@@ -186,7 +212,7 @@ class TrainConfig:
     """Consecutive steps with non-finite losses or gradients (each one skipped) after which the
     run rolls back or stops (on_nonfinite)."""
 
-    on_nonfinite: str = "rollback"
+    on_nonfinite: Literal["rollback", "stop"] = "rollback"
     """rollback: resume from the last good checkpoint with learning rates x rollback_lr_factor;
     stop: end the run with a message naming the last good checkpoint."""
 
@@ -206,36 +232,23 @@ class TrainConfig:
     (refused if out_dir already holds checkpoints); or the path of a checkpoint folder."""
 
     def __post_init__(self) -> None:
-        _require_positive(
-            self, "batch_size", "max_steps", "epochs", "lr_g", "lr_d", "gp_weight", "log_every",
-            "sample_every", "ckpt_every", "keep_checkpoints", "num_samples", "dist_timeout",
-            "eval_every", "eval_num", "eval_real_num", "nonfinite_limit",
-        )  # fmt: skip
-        if self.eval_features not in EVAL_FEATURES:
-            raise ValueError(
-                f"eval_features={self.eval_features!r} is not allowed: use one of "
-                f"{', '.join(EVAL_FEATURES)}"
-            )
-        if self.on_nonfinite not in ("rollback", "stop"):
-            raise ValueError(
-                f"on_nonfinite={self.on_nonfinite!r} is not allowed: use rollback or stop"
-            )
+        _require_positive(self, *POSITIVE_TRAIN_FIELDS)
+        _require_choices(self)
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise ValueError(
                 f"rollback_lr_factor={self.rollback_lr_factor} is not allowed: use 0 < x <= 1"
             )
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r} is not allowed: use one of {', '.join(LOSSES)}")
         if self.compile and self.loss == "wgan-gp":
             raise ValueError(
                 "compile=True does not work with loss='wgan-gp': its gradient penalty needs a "
                 "double backward, which torch.compile does not support; drop --compile or use "
                 "another loss"
             )
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.sync_bn and self.loss == "wgan-gp":
             raise ValueError(
-                f"mixed_precision={self.mixed_precision!r} is not allowed: "
-                f"use one of {', '.join(MIXED_PRECISION)}"
+                "sync_bn=True does not work with loss='wgan-gp': its gradient penalty needs a "
+                "double backward, which SyncBatchNorm does not have; drop --sync-bn or use "
+                "another loss"
             )
         for name in ("beta1", "beta2", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -253,6 +266,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    given: frozenset[str] = field(default=frozenset(), compare=False)
+    """The fields the user set (a flag, or the --config file); the rest are defaults."""
+
+    def values(self) -> dict:
+        """Every field of every section by name (field names are unique across sections)."""
+        return {
+            k: v for name in SECTIONS for k, v in dataclasses.asdict(getattr(self, name)).items()
+        }
 
     def to_dict(self) -> dict:
         """Sections of plain values, unset (None) fields left out since TOML has no null."""
@@ -264,7 +285,7 @@ class Config:
         }
 
     def save_toml(self, path: str | Path) -> None:
-        Path(path).write_text(tomli_w.dumps(self.to_dict()))
+        write_text_atomically(path, tomli_w.dumps(self.to_dict()))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -308,8 +329,11 @@ def _add_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        choices = _choices(hints[f.name])
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices:  # checked by the dataclass, so a bad value is the same one-line error
+            kwargs.update(type=str, metavar="{" + ",".join(choices) + "}")
         elif typing.get_origin(base) is list:
             kwargs.update(type=typing.get_args(base)[0], nargs="+", metavar="N")
         else:
@@ -323,10 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a DCGAN on a folder of face images (or the built-in faces). Run under "
         "`accelerate launch` for several processes; plain `python` runs one.",
     )
-    parser.add_argument(
-        "--config", metavar="FILE.toml", help="TOML file with [model] [data] [train] sections; "
-        "flags given on the command line override it",
-    )  # fmt: skip
+    about = "TOML file with [model] [data] [train] sections; flags given here override it"
+    parser.add_argument("--config", metavar="FILE.toml", help=about)
     for section, cls in SECTIONS.items():
         _add_flags(parser, section, cls)
     return parser
@@ -374,10 +396,59 @@ def make_config(sections: dict[str, dict] | None = None, **overrides) -> Config:
         merged[owner[key]][key] = value
     for name, cls in SECTIONS.items():
         _check_types(name, merged[name], cls)
+    given = frozenset(key for values in merged.values() for key in values)
     try:
-        return Config(**{name: cls(**merged[name]) for name, cls in SECTIONS.items()})
+        sections = {name: cls(**merged[name]) for name, cls in SECTIONS.items()}
     except ValueError as err:  # a value rejected by a section's __post_init__
         raise UserError(str(err)) from None
+    return Config(**sections, given=given)
+
+
+# What a resumed run cannot change: what it has learnt, from which data, and how. Everything
+# else (steps, learning rates, cadences, speed settings) can.
+FIXED_ON_RESUME = {f.name for f in dataclasses.fields(ModelConfig)} | {
+    "data_dir",
+    "crop_box",
+    "flip",
+    "builtin_faces",
+    "batch_size",
+    "seed",
+    "loss",
+    "real_label",
+    "gp_weight",
+    "beta1",
+    "beta2",
+    "ema_decay",
+    "sync_bn",
+    "mixed_precision",
+}
+NOT_COMPARED_ON_RESUME = frozenset({"out_dir", "resume"})
+
+
+def resume_config(saved: Config, requested: Config) -> tuple[Config, dict[str, tuple]]:
+    """The config a resumed run goes on with: the saved run's, with what the user changed
+    (`requested.given`) applied. A change that cannot apply to a trained run (model, data,
+    losses, batch, seed) is a one-line error. Returns the config and {field: (old, new)}."""
+    old, new = saved.values(), requested.values()
+    asked = requested.given - NOT_COMPARED_ON_RESUME
+    changes = {key: (old[key], new[key]) for key in sorted(asked) if old[key] != new[key]}
+    refused = [key for key in changes if key in FIXED_ON_RESUME]
+    if refused:
+        listed = ", ".join(f"{key} {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
+        raise UserError(
+            f"{requested.train.out_dir} holds a run trained with other settings ({listed}), "
+            "which cannot change when it resumes: drop those flags to resume it, or train anew "
+            "in a new --out-dir (--resume none refuses to overwrite this one)"
+        )
+    merged = {
+        key: new[key] if key in changes or key in NOT_COMPARED_ON_RESUME else value
+        for key, value in old.items()
+    }
+    sections = {
+        name: cls(**{f.name: merged[f.name] for f in dataclasses.fields(cls)})
+        for name, cls in SECTIONS.items()
+    }
+    return Config(**sections, given=requested.given), changes
 
 
 def _check_types(section: str, values: dict, cls: type) -> None:
@@ -388,6 +459,8 @@ def _check_types(section: str, values: dict, cls: type) -> None:
         if value is None and optional:
             continue
         expected = list if typing.get_origin(base) is list else base
+        if _choices(hints[key]):
+            expected = str
         ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)

@@ -25,12 +25,19 @@ from pathlib import Path
 import numpy as np
 import nvidia.dali.math as dmath
 import torch
+import torch.distributed
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image, UnidentifiedImageError
 
+from distgan.env import available_cpus, available_memory, local_processes
+from distgan.errors import UserError, first_line
+from distgan.faces import builtin_faces_dir, default_cache_dir, ensure_builtin_faces, render_size
+from distgan.files import write_json_atomically
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SCAN_VERSION = 1
+BAD_IMAGES_FILE = "bad_images.txt"
 
 
 def find_images(data_dir: str | os.PathLike) -> list[str]:
@@ -73,7 +80,7 @@ def check_image(path: str, crop_box: list[int] | None = None) -> str | None:
     except UnidentifiedImageError:
         return "not an image"
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken data
-        return f"corrupt: {str(err).splitlines()[0][:80]}"
+        return f"corrupt: {first_line(err, 80)}"
     if crop_box is not None:
         left, top, width, height = crop_box
         if left + width > size[0] or top + height > size[1]:
@@ -117,17 +124,72 @@ def scan_images(
 
     stamps = {f: stamp(f) for f in files}
     todo = [f for f in files if f not in known or known[f][0] != stamps[f] or stamps[f] is None]
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
         for path, reason in zip(
             todo, pool.map(lambda f: check_image(f, crop_box), todo), strict=True
         ):
             known[path] = [stamps[path], reason]
     if cache_path is not None and todo:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({f: known[f] for f in files}))
-        os.replace(tmp, cache_path)
+        write_json_atomically(cache_path, {f: known[f] for f in files})
     return {f: known[f][1] for f in files if known[f][1] is not None}
+
+
+def _all_processes(found: dict) -> dict:
+    """The union of every training process's dict (just `found` without a process group)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return found
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, found)
+    return {key: value for part in parts for key, value in part.items()}
+
+
+def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Path, list[str]]:
+    """(data folder, usable image files), the same on every process. Renders the built-in faces
+    once per machine; scans the files for ones DALI cannot decode (each process a share, in
+    parallel) and stops with the list, or skips them, as `dc.on_bad_image` says.
+
+    `accelerator` is the run's Accelerator (or anything with its process attributes), `dc` its
+    DataConfig.
+    """
+    data_dir = dc.data_dir
+    if data_dir is None:
+        size = render_size(resolution)
+        if accelerator.is_local_main_process:
+            if not builtin_faces_dir(dc.builtin_faces, size, dc.cache_dir).is_dir():
+                print(f"rendering {dc.builtin_faces} built-in faces (once) ...", flush=True)
+            ensure_builtin_faces(dc.builtin_faces, size, dc.cache_dir)
+        accelerator.wait_for_everyone()
+        data_dir = ensure_builtin_faces(dc.builtin_faces, size, dc.cache_dir)
+    try:
+        files = find_images(data_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(str(err)) from None
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cache_dir = dc.cache_dir or default_cache_dir()
+    cache = scan_cache_path(cache_dir, files, dc.crop_box, f"{rank}of{world}")
+    workers = max(1, available_cpus() // local_processes())
+    found = scan_images(files[rank::world], dc.crop_box, workers=workers, cache_path=cache)
+    bad = _all_processes(found)
+    if not bad:
+        return Path(data_dir), files
+    listing = out_dir / BAD_IMAGES_FILE
+    if accelerator.is_main_process:
+        listing.write_text("".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items())))
+    first = "; ".join(f"{Path(p).name}: {r}" for p, r in sorted(bad.items())[:3])
+    summary = f"{len(bad)} of {len(files)} images in {data_dir} cannot be used ({first}"
+    summary += ", ...)" if len(bad) > 3 else ")"
+    if dc.on_bad_image == "error":
+        raise UserError(
+            f"{summary}, all listed in {listing}: fix or remove them, or pass "
+            "--on-bad-image skip to train on the rest"
+        )
+    usable = [f for f in files if f not in bad]
+    if not usable:
+        raise UserError(f"{summary}: no usable image is left in {data_dir}")
+    accelerator.print(f"skipping {summary}; listed in {listing}")
+    return Path(data_dir), usable
 
 
 def steps_per_epoch(num_files: int, num_shards: int, batch_size: int) -> int:
@@ -156,20 +218,32 @@ def shard_layout(
     return blocks.transpose(1, 0, 2).reshape(-1)
 
 
+def dali_device_id(device: torch.device) -> int | None:
+    """The CUDA device DALI decodes on for a training device, or None for CPU decoding.
+
+    `cuda` without an index (Accelerate's device for one process) means the current device.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def processes_sharing(device: torch.device, local_processes: int) -> int:
+    """How many of this machine's processes hold a cache on `device`: all of them in host
+    memory, and on a GPU only those placed on the same GPU (normally each process has its own)."""
+    if device.type != "cuda":
+        return local_processes
+    return max(1, math.ceil(local_processes / max(1, torch.cuda.device_count())))
+
+
 def memory_for_cache(device: torch.device) -> int:
-    """Bytes a decoded-image cache may take on `device`: a quarter of what is free there, shared
-    by the processes of this machine (each holds its own copy)."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    """Bytes a decoded-image cache may take on `device`: a quarter of what is free there (host
+    memory within the job's cgroup limit), shared by the processes that keep a copy there."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        try:
-            with open("/proc/meminfo") as f:
-                info = dict(line.split(":", 1) for line in f)
-            free = int(info["MemAvailable"].split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
-            return 0
-    return free // 4 // local_processes
+        free = available_memory()
+    return free // 4 // processes_sharing(device, local_processes())
 
 
 class ImageLoader:
@@ -221,21 +295,38 @@ class ImageLoader:
         self.cache_bytes = len(self.files) * 3 * resolution * resolution
         self.cache_planned = decoded_cache == "auto"
 
+    @classmethod
+    def for_run(cls, files: list[str], cfg, accelerator) -> ImageLoader:
+        """The loader of one training process: `cfg` is the run's Config, `accelerator` its
+        Accelerator (the shard is the global rank; decoding on the process's GPU, if any)."""
+        dc, tc = cfg.data, cfg.train
+        return cls(
+            files,
+            resolution=cfg.model.resolution,
+            batch_size=tc.batch_size,
+            shard_id=accelerator.process_index,
+            num_shards=accelerator.num_processes,
+            seed=tc.seed,
+            crop_box=dc.crop_box,
+            flip=dc.flip,
+            num_threads=dc.num_threads,
+            device_id=dali_device_id(accelerator.device),
+            decoded_cache=dc.decoded_cache,
+        )
+
     def _pipeline(self, files: list[str], flips: np.ndarray | None, seed: int, shard: tuple):
         """DALI: read `files` (shard `shard` = (id, count)), decode, crop, resize, flip by `flips`
         and normalise to float; without `flips`, no flip and uint8 out (for the cache)."""
         batch_size = self.batch_size
+        threads = {"num_threads": self.num_threads, "device_id": self.device_id}
 
-        @pipeline_def(
-            batch_size=batch_size, num_threads=self.num_threads, device_id=self.device_id,
-            seed=seed,
-        )  # fmt: skip
+        @pipeline_def(batch_size=batch_size, seed=seed, **threads)
         def image_pipeline():
             # Plain reads, not mmap: +15% on small JPEGs here, and what network file systems want.
+            reading = {"random_shuffle": False, "dont_use_mmap": True, "name": "Reader"}
             encoded, _ = fn.readers.file(
-                files=files, shard_id=shard[0], num_shards=shard[1], random_shuffle=False,
-                dont_use_mmap=True, name="Reader",
-            )  # fmt: skip
+                files=files, shard_id=shard[0], num_shards=shard[1], **reading
+            )
             decode_on = "mixed" if self.device_id is not None else "cpu"
             if self.crop_box is None:
                 # The centred largest square, decoded alone: rows outside it are skipped.
@@ -247,10 +338,9 @@ class ImageLoader:
             else:
                 left, top, width, height = self.crop_box
                 images = fn.decoders.image(encoded, device=decode_on, output_type=types.RGB)
-                images = fn.slice(
-                    images, start=[left, top], shape=[width, height], axis_names="WH",
-                    out_of_bounds_policy="pad", fill_values=0,
-                )  # fmt: skip
+                padding = {"out_of_bounds_policy": "pad", "fill_values": 0}
+                box = {"start": [left, top], "shape": [width, height], "axis_names": "WH"}
+                images = fn.slice(images, **box, **padding)
             size = self.resolution
             images = fn.resize(images, size=[size, size], antialias=True)
             if flips is None:
@@ -261,10 +351,10 @@ class ImageLoader:
                 if self.flip
                 else 0
             )
+            to_unit = {"mean": [127.5] * 3, "std": [127.5] * 3}
             return fn.crop_mirror_normalize(
-                images, mirror=mirror, mean=[127.5] * 3, std=[127.5] * 3,
-                dtype=types.FLOAT, output_layout="HWC",
-            )  # fmt: skip
+                images, mirror=mirror, dtype=types.FLOAT, output_layout="HWC", **to_unit
+            )
 
         return image_pipeline()
 
@@ -295,10 +385,10 @@ class ImageLoader:
         order = epoch_order(len(self.files), epoch, self.seed, global_batch)
         flips = epoch_flips(len(order), epoch, self.seed)
         layout = shard_layout(order, self.num_shards, self.batch_size, start_step)
-        pipe = self._pipeline(
-            [self.files[i] for i in layout], self._share(flips, start_step),
-            self.seed * 1000 + epoch, (self.shard_id, self.num_shards),
-        )  # fmt: skip
+        files = [self.files[i] for i in layout]
+        shard = (self.shard_id, self.num_shards)
+        seed = self.seed * 1000 + epoch
+        pipe = self._pipeline(files, self._share(flips, start_step), seed, shard)
         for images in self._run(pipe):
             yield images.permute(0, 3, 1, 2)  # NHWC in memory, NCHW to the model
 

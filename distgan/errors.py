@@ -17,6 +17,13 @@ class RunStopped(Exception):
     checkpoint is good and what to change. Entry points print it and exit with status 3."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of `err`'s message, cut to `limit` characters, for a one-line error; the
+    exception's type name when the message is empty."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__
+
+
 def require_writable_dir(path: Path, name: str) -> None:
     """Create `path` if needed and prove it writable, or fail before any work is done."""
     try:

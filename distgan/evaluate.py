@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -19,10 +18,12 @@ import torch
 
 from distgan import metrics
 from distgan.checkpoint import GENERATOR_WEIGHTS, load_generator
-from distgan.data import find_images
-from distgan.errors import UserError
-from distgan.faces import default_cache_dir, ensure_builtin_faces
+from distgan.data import dali_device_id, find_images
+from distgan.errors import UserError, first_line
+from distgan.faces import default_cache_dir, ensure_builtin_faces, render_size
 from distgan.models import ModelConfig
+
+SCORE_KEYS = ("fid", "kid_mean", "kid_std", "seconds")
 
 
 class OnnxGenerator:
@@ -44,9 +45,9 @@ class OnnxGenerator:
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as err:
-            raise UserError(
-                f"{path} is not a usable ONNX model ({str(err).splitlines()[0][:150]})"
-            ) from None
+            raise UserError(f"{path} is not a usable ONNX model ({first_line(err, 150)})") from None
+        # what ran, not what was asked: a CUDA provider that fails to load falls back to the CPU
+        self.provider = self.session.get_providers()[0]
         self.meta = self.session.get_modelmeta().custom_metadata_map
         if "model_config" not in self.meta:
             raise UserError(
@@ -141,7 +142,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     cache_dir = args.cache_dir or saved.get("cache_dir")
     if data_dir is None:
         faces = saved.get("builtin_faces", 10_000)
-        data_dir = ensure_builtin_faces(faces, max(128, config.resolution), cache_dir)
+        data_dir = ensure_builtin_faces(faces, render_size(config.resolution), cache_dir)
     try:
         files = find_images(data_dir)
     except (OSError, ValueError) as err:
@@ -149,41 +150,29 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     extractor = metrics.make_extractor(args.features, args.inception_weights, device)
     dist = metrics.SingleProcess()
-    reference = metrics.real_files(files, args.real_num)
-    stats_path = metrics.real_stats_path(
-        cache_dir or default_cache_dir(), reference, config.resolution, crop_box, extractor.name
+    pipeline = {"resolution": config.resolution, "crop_box": crop_box, "num_threads": 2}
+    real = metrics.reference_stats(
+        dist,
+        extractor,
+        metrics.real_files(files, args.real_num),
+        cache_dir=cache_dir or default_cache_dir(),
+        log=lambda line: print(line, file=sys.stderr),  # stdout is the result's JSON line
+        batch_size=args.batch_size,
+        device_id=dali_device_id(device),
+        **pipeline,
     )
-    real = metrics.load_stats(stats_path)
-    if real is None:
-        real = metrics.real_stats(
-            dist,
-            extractor,
-            reference,
-            resolution=config.resolution,
-            crop_box=crop_box,
-            batch_size=args.batch_size,
-            num_threads=2,
-            device_id=device.index if device.type == "cuda" else None,
-        )
-        metrics.save_stats(stats_path, real)
 
     result = {"model": str(args.onnx or args.run)}
+    if "onnx" in generators:
+        result["onnx_provider"] = generators["onnx"].provider
+    subject = next(iter(generators))  # the model asked about; any other is its reference
+    options = {"batch_size": args.batch_size, "seed": args.seed, "device": device}
     for name, generator in generators.items():
-        start = time.perf_counter()
-        fake = metrics.fake_stats(
-            dist,
-            extractor,
-            generator,
-            args.num,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            device=device,
-        )
-        scores = metrics.scores(real, fake)
-        prefix = "" if name == next(iter(generators)) else f"{name}_"  # the first is the subject
-        result.update({f"{prefix}{k}": v for k, v in scores.items()})
-        result[f"{prefix}seconds"] = round(time.perf_counter() - start, 2)
-    result.update(metrics.describe(extractor, real, fake, config.resolution))
+        scored = metrics.score(dist, extractor, generator, real, count=args.num, **options)
+        if name == subject:
+            result.update(scored)
+        else:
+            result.update({f"{name}_{k}": scored[k] for k in SCORE_KEYS})
     if "torch_fid" in result:
         difference = abs(result["fid"] - result["torch_fid"]) / max(result["torch_fid"], 1e-12)
         result["onnx_vs_torch_relative_fid_difference"] = difference

@@ -17,12 +17,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from distgan.env import available_cpus
+
 VERSION = 1
 SUPERSAMPLE = 2
-SKIN_TONES = [(255, 224, 196), (241, 194, 160), (224, 172, 131), (198, 134, 95), (141, 85, 56),
-              (96, 60, 40)]  # fmt: skip
-HAIR_COLOURS = [(20, 16, 14), (70, 45, 30), (120, 80, 45), (200, 160, 90), (150, 60, 30),
-                (160, 160, 160)]  # fmt: skip
+SKIN_TONES = [
+    (255, 224, 196),
+    (241, 194, 160),
+    (224, 172, 131),
+    (198, 134, 95),
+    (141, 85, 56),
+    (96, 60, 40),
+]
+HAIR_COLOURS = [
+    (20, 16, 14),
+    (70, 45, 30),
+    (120, 80, 45),
+    (200, 160, 90),
+    (150, 60, 30),
+    (160, 160, 160),
+]
 IRIS_COLOURS = [(70, 45, 25), (40, 90, 150), (60, 110, 60), (30, 25, 20), (110, 90, 60)]
 
 
@@ -64,10 +78,8 @@ def render_face(index: int, size: int = 128) -> Image.Image:
     hair_style = rng.integers(3)  # 0 short, 1 medium, 2 long
     if hair_style > 0:
         length = ry * (0.6 if hair_style == 1 else 1.3)
-        draw.rounded_rectangle(
-            [cx - rx * 1.15, cy - ry * 0.7, cx + rx * 1.15, cy + length],
-            radius=int(rx * 0.5), fill=hair,
-        )  # fmt: skip
+        hair_box = [cx - rx * 1.15, cy - ry * 0.7, cx + rx * 1.15, cy + length]
+        draw.rounded_rectangle(hair_box, radius=int(rx * 0.5), fill=hair)
     _ellipse(draw, cx, cy - ry * 0.12, rx * 1.1, ry * 1.02, hair)
 
     # Ears, head.
@@ -93,11 +105,9 @@ def render_face(index: int, size: int = 128) -> Image.Image:
         _ellipse(draw, ex + gaze, eye_y, eye_ry * 0.95, eye_ry * 0.95, iris)
         _ellipse(draw, ex + gaze, eye_y, eye_ry * 0.45, eye_ry * 0.45, (10, 10, 10))
         by = eye_y - eye_ry * brow_lift
-        draw.line(
-            [ex - eye_rx * 1.1, by + side * brow_tilt * eye_ry * 2, ex + eye_rx * 1.1,
-             by - side * brow_tilt * eye_ry * 2],
-            fill=hair, width=max(1, int(ry * 0.045)),
-        )  # fmt: skip
+        tilt = side * brow_tilt * eye_ry * 2
+        brow = [ex - eye_rx * 1.1, by + tilt, ex + eye_rx * 1.1, by - tilt]
+        draw.line(brow, fill=hair, width=max(1, int(ry * 0.045)))
 
     # Nose.
     nose_y = cy + ry * rng.uniform(0.2, 0.3)
@@ -140,6 +150,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTGAN_CACHE") or Path.home() / ".cache" / "distgan")
 
 
+def render_size(resolution: int) -> int:
+    """The size the built-in faces are rendered at for training at `resolution`: 128 px serves
+    every smaller resolution from one render, so resizing is always a downscale."""
+    return max(128, resolution)
+
+
 def builtin_faces_dir(num_images: int, size: int, cache_dir: str | Path | None = None) -> Path:
     """The cache folder of `num_images` faces at `size` px (not necessarily rendered yet)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -161,7 +177,7 @@ def ensure_builtin_faces(
     staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cpus()
     chunk = max(1, -(-num_images // (workers * 8)))
     with ProcessPoolExecutor(workers) as pool:
         jobs = [

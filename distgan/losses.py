@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("bce", "hinge", "wgan-gp")
+Loss = Literal["bce", "hinge", "wgan-gp"]
+LOSSES = get_args(Loss)
 
 
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,17 +36,19 @@ from torch_fidelity.metric_kid import (
 
 from distgan.config import EVAL_FEATURES
 from distgan.data import ImageLoader
-from distgan.errors import UserError
+from distgan.errors import UserError, first_line
+from distgan.files import write_atomically
 
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]  # torch hub convention
 KID_MAX_FEATURES = 10_000  # real features kept in the cache for KID (its subsets are 1,000)
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: keyed by the extractor's device and precision too
 
 
 class FeatureExtractor(Protocol):
     name: str  # what produced the features, recorded with every number
     resize: str  # how images reach the extractor's input size
+    numerics: str  # where and in what precision it ran: features differ slightly between them
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] -> float [N, D]."""
@@ -55,6 +58,7 @@ class SingleProcess:
     """The `dist` of a one-process run."""
 
     process_index, num_processes, is_main_process = 0, 1, True
+    device = torch.device("cpu")
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -79,7 +83,7 @@ def inception_weights(path: str | os.PathLike | None = None) -> Path:
                     progress=False,
                 )
             except Exception as err:
-                reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+                reason = first_line(err, 120)
                 raise UserError(
                     f"the FID Inception weights {INCEPTION_FILE} are not in {target.parent} and "
                     f"could not be downloaded ({reason}): put {URL_INCEPTION_V3} there, or pass "
@@ -121,10 +125,18 @@ class InceptionFeatures:
             "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(checked)
         ).to(device)
         self.device = device
+        self.numerics = f"{device.type} fp32, TF32 off"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.device))[0].double()
+        # Full fp32 on every GPU: TF32 (on by default for cuDNN convolutions) would shift FID.
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                return self.model(images.to(self.device))[0].double()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
 class PixelFeatures:
@@ -133,6 +145,7 @@ class PixelFeatures:
 
     name = "pixels-8x8 (not comparable to Inception FID)"
     resize = "area-average to 8x8"
+    numerics = "float64"  # the same on any device
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -203,18 +216,21 @@ def _gather_in_order(dist, features: torch.Tensor, order: torch.Tensor) -> torch
 
 
 def real_stats_key(
-    files: list[str], resolution: int, crop_box, count: int, extractor_name: str
+    files: list[str], resolution: int, crop_box, count: int, extractor: FeatureExtractor
 ) -> str:
+    """Statistics are reused only for the same data, preparation, extractor, device and
+    precision: a GPU's features differ from a CPU's in the last bits."""
     listing = [(f, os.path.getsize(f)) for f in files]
-    blob = json.dumps([STATS_VERSION, listing, resolution, crop_box, count, extractor_name])
+    what = [resolution, crop_box, count, extractor.name, extractor.numerics]
+    blob = json.dumps([STATS_VERSION, listing, *what])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def real_stats_path(
-    cache_dir, files: list[str], resolution: int, crop_box, extractor_name: str
+    cache_dir, files: list[str], resolution: int, crop_box, extractor: FeatureExtractor
 ) -> Path:
     """Where the real statistics of `files` are cached (under cache_dir/fid-stats/)."""
-    key = real_stats_key(files, resolution, crop_box, len(files), extractor_name)
+    key = real_stats_key(files, resolution, crop_box, len(files), extractor)
     return Path(cache_dir) / "fid-stats" / f"{key}.npz"
 
 
@@ -230,9 +246,8 @@ def load_stats(path: Path) -> Stats | None:
 
 def save_stats(path: Path, stats: Stats) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, features=stats.features, count=stats.count)
-    os.replace(tmp, path)
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "features": stats.features}
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays, count=stats.count))
 
 
 def real_files(files: list[str], count: int | None) -> list[str]:
@@ -311,9 +326,44 @@ def describe(extractor: FeatureExtractor, real: Stats, fake: Stats, resolution: 
         "resolution": resolution,
         "resize": extractor.resize,
         "feature_extractor": extractor.name,
+        "feature_numerics": extractor.numerics,
     }
 
 
 def scores(real: Stats, fake: Stats) -> dict:
     kid_mean, kid_std = kid(real, fake)
     return {"fid": fid(real, fake), "kid_mean": kid_mean, "kid_std": kid_std}
+
+
+def reference_stats(
+    dist, extractor: FeatureExtractor, files: list[str], *, cache_dir, log=print, **pipeline
+) -> Stats:
+    """The real statistics of `files`: from the cache when every process finds them there, else
+    computed by all processes (`pipeline`: the keyword arguments of `real_stats`) and cached by
+    the main one. `log` says when they are computed."""
+    resolution, crop_box = pipeline["resolution"], pipeline["crop_box"]
+    path = real_stats_path(cache_dir, files, resolution, crop_box, extractor)
+    stats = load_stats(path)
+    found = dist.gather(torch.tensor([float(stats is not None)], device=dist.device))
+    if bool(found.all()):  # all processes load them, or all compute them together
+        return stats
+    log(f"computing real statistics of {len(files)} images (once) ...")
+    stats = real_stats(dist, extractor, files, **pipeline)
+    if dist.is_main_process:
+        save_stats(path, stats)
+    return stats
+
+
+def score(
+    dist, extractor: FeatureExtractor, generator: nn.Module, real: Stats, *, count: int, **kwargs
+) -> dict:
+    """FID and KID of `count` images of `generator` against `real`, with what every number
+    states (`describe`) and the seconds it took. `kwargs`: those of `fake_stats`."""
+    start = time.perf_counter()
+    fake = fake_stats(dist, extractor, generator, count, **kwargs)
+    resolution = generator.config.resolution
+    return {
+        **scores(real, fake),
+        **describe(extractor, real, fake, resolution),
+        "seconds": round(time.perf_counter() - start, 2),
+    }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -15,22 +14,16 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-
-def _replace_atomically(path: Path, write) -> None:
-    """Write through a temporary file and rename it over `path`: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+from distgan.files import write_atomically  # noqa: E402
 
 
 def save_grid(images: torch.Tensor, path: str | Path) -> None:
     """Save images in [-1, 1], NCHW, as one square-ish PNG grid."""
     nrow = math.ceil(math.sqrt(images.shape[0]))
-    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True,
-                     value_range=(-1, 1))  # fmt: skip
+    images = images.detach().float().cpu()
+    grid = make_grid(images, nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    _replace_atomically(Path(path), lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+    write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
@@ -69,5 +62,5 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
     ax_d.set_xlabel("step")
     ax_d.legend()
     fig.tight_layout()
-    _replace_atomically(Path(png_path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_atomically(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -1,25 +1,34 @@
 """The training loop: one function, top to bottom. Accelerate supplies the processes, DDP and
-mixed precision; DALI the data; everything written to disk is written by the main process."""
+mixed precision; DALI the data; everything written to disk is written by the main process.
+
+The loop runs the hot path (a batch, `gan_step`, counters) and then one gate: most steps go
+straight on. At a gate step all processes agree, in one collective, on what the logged numbers
+are and on every decision that changes what they do next (stop, roll back); below the gate,
+maintenance (metrics, evaluation, samples, checkpoints) decides its own timing.
+"""
 
 from __future__ import annotations
 
-import json
+import ctypes
 import os
 import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-from accelerate.utils import broadcast, gather_object, set_seed
+from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
 from distgan import metrics
 from distgan.checkpoint import (
+    TrainerState,
     clean_unfinished,
     list_checkpoints,
     load_checkpoint,
@@ -27,19 +36,25 @@ from distgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
-from distgan.config import Config, DataConfig, TrainConfig, parse_args
-from distgan.data import ImageLoader, find_images, scan_cache_path, scan_images
+from distgan.config import Config, TrainConfig, load_toml, make_config, parse_args, resume_config
+from distgan.data import ImageLoader, prepare_images
 from distgan.ema import EMA
+from distgan.env import require_one_dali_build, require_usable_cuda
 from distgan.errors import RunStopped, UserError, require_writable_dir
-from distgan.faces import builtin_faces_dir, default_cache_dir, ensure_builtin_faces
+from distgan.faces import default_cache_dir
+from distgan.files import write_json_atomically
 from distgan.losses import d_loss, g_loss, gradient_penalty
 from distgan.models import Discriminator, Generator, ModelConfig
 from distgan.report import append_jsonl, plot_losses, save_grid
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-STOP_CHECK_EVERY = 10  # steps between the collective that agrees on stopping (several processes)
+# Every way a user or a scheduler asks a run to end: SLURM's warning before the time limit,
+# preemption or a launcher stopping its workers, Ctrl-C, a closed terminal.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PARENT_DEATH_SIGNAL = signal.SIGUSR1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+AGREE_EVERY = 10  # steps between the collectives that agree on stopping (at most)
 PREEMPTED_MARKER = "preempted.json"
-BAD_IMAGES_FILE = "bad_images.txt"
+CHANGES_FILE = "changes.jsonl"  # settings changed on resume, with the step they took effect
 MAX_ROLLBACKS = 5  # then the run stops: halving the learning rates further rarely helps
 
 
@@ -53,21 +68,40 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def gpu_precision() -> str:
+    """bf16 where the GPU computes it natively (Ampere and later); fp16 with loss scaling on
+    tensor-core GPUs without it (V100, T4), where torch would emulate bf16 slowly; else fp32."""
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    major, _ = torch.cuda.get_device_capability()
+    return "fp16" if major >= 7 else "no"
+
+
 def resolve_mixed_precision(requested: str) -> str:
     """The precision to run: `auto` takes the launcher's choice if it made one (other than "no"),
-    else bf16 where the hardware computes it natively, else full fp32."""
+    else what the hardware computes fastest (bf16 or fp16 where native), else full fp32."""
     has_cuda = torch.cuda.is_available()
     if requested == "auto":
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if launcher != "no":
             requested = launcher
         elif has_cuda:
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "no"
+            requested = gpu_precision()
         else:
             requested = "bf16" if cpu_has_native_bf16() else "no"
     if requested == "fp16" and not has_cuda:
         raise UserError("mixed_precision=fp16 needs a CUDA GPU and none was found: use bf16 or no")
     return requested
+
+
+def configure_kernels(deterministic: bool) -> None:
+    """cuDNN's autotuner picks the fastest convolutions for the step's fixed shapes, unless the
+    run must repeat bit for bit (then only deterministic kernels; those without one warn)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def find_resume_point(resume: str, checkpoints_root: Path) -> Path | None:
@@ -86,99 +120,199 @@ def find_resume_point(resume: str, checkpoints_root: Path) -> Path | None:
     return Path(resume)
 
 
-def prepare_images(accelerator: Accelerator, dc: DataConfig, resolution: int, out_dir: Path):
-    """(data folder, usable image files). Renders the built-in faces once per machine; scans the
-    files for ones DALI cannot decode (each process a share, in parallel) and stops with the list,
-    or skips them, as --on-bad-image says."""
-    data_dir = dc.data_dir
-    if data_dir is None:
-        render_size = max(128, resolution)
-        if accelerator.is_local_main_process:
-            if not builtin_faces_dir(dc.builtin_faces, render_size, dc.cache_dir).is_dir():
-                print(f"rendering {dc.builtin_faces} built-in faces (once) ...", flush=True)
-            ensure_builtin_faces(dc.builtin_faces, render_size, dc.cache_dir)
-        accelerator.wait_for_everyone()
-        data_dir = ensure_builtin_faces(dc.builtin_faces, render_size, dc.cache_dir)
-    try:
-        files = find_images(data_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(str(err)) from None
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    share = files[rank::world]
-    cache = scan_cache_path(
-        dc.cache_dir or default_cache_dir(), files, dc.crop_box, f"{rank}of{world}"
-    )
-    workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    found = scan_images(share, dc.crop_box, workers=workers, cache_path=cache)
-    bad = {path: reason for part in gather_object([found]) for path, reason in part.items()}
-    if not bad:
-        return data_dir, files
-    if accelerator.is_main_process:
-        listing = "".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items()))
-        (out_dir / BAD_IMAGES_FILE).write_text(listing)
-    first = "; ".join(f"{Path(p).name}: {r}" for p, r in sorted(bad.items())[:3])
-    summary = f"{len(bad)} of {len(files)} images in {data_dir} cannot be used ({first}"
-    summary += ", ...)" if len(bad) > 3 else ")"
-    if dc.on_bad_image == "error":
-        raise UserError(
-            f"{summary}, all listed in {out_dir / BAD_IMAGES_FILE}: fix or remove them, or pass "
-            "--on-bad-image skip to train on the rest"
-        )
-    usable = [f for f in files if f not in bad]
-    if not usable:
-        raise UserError(f"{summary}: no usable image is left in {data_dir}")
-    accelerator.print(f"skipping {summary}; listed in {out_dir / BAD_IMAGES_FILE}")
-    return data_dir, usable
+def config_for_resume(cfg: Config, checkpoint: Path) -> tuple[Config, dict[str, tuple]]:
+    """The config a resumed run goes on with, and what the user changed in it: the run's own
+    config.toml with the changes that can apply; the model always from the checkpoint."""
+    saved_toml = Path(cfg.train.out_dir) / "config.toml"
+    changes = {}
+    if saved_toml.is_file():
+        cfg, changes = resume_config(make_config(load_toml(saved_toml)), cfg)
+    model = read_trainer_state(checkpoint).model
+    return Config(model=model, data=cfg.data, train=cfg.train, given=cfg.given), changes
 
 
-def prepare_fid(accelerator, tc, dc, files, resolution: int, device_id):
-    """The feature extractor and the real statistics (cached), or (None, None) without eval."""
-    if not tc.eval_every:
-        return None, None
-    device = accelerator.device
-    extractor = metrics.make_extractor(tc.eval_features, tc.inception_weights, device)
-    reference = metrics.real_files(files, tc.eval_real_num)
-    cache_dir = dc.cache_dir or default_cache_dir()
-    stats_path = metrics.real_stats_path(
-        cache_dir, reference, resolution, dc.crop_box, extractor.name
-    )
-    real_stats = metrics.load_stats(stats_path)
-    have = torch.tensor([float(real_stats is not None)], device=device)
-    if accelerator.reduce(have, "sum").item() < accelerator.num_processes:  # all, or none, load
-        accelerator.print(f"computing real statistics of {len(reference)} images (once) ...")
-        real_stats = metrics.real_stats(
-            accelerator, extractor, reference, resolution=resolution, crop_box=dc.crop_box,
-            batch_size=tc.batch_size, num_threads=dc.num_threads, device_id=device_id,
-        )  # fmt: skip
-        if accelerator.is_main_process:
-            metrics.save_stats(stats_path, real_stats)
-    return extractor, real_stats
+def launched() -> bool:
+    """Whether a launcher started this process: `accelerate launch` sets these, plain python not."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_USE_CPU" in os.environ
 
 
-def catch_stop_signals() -> dict:
-    """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, or the launcher
-    stopping its workers) ask the loop to finish its step, checkpoint and exit."""
-    received = {"signal": None}
+class StopRequest:
+    """Why this process was asked to stop, if it was: one of STOP_SIGNALS, sent to it or passed
+    on by the launcher, or the launcher's death. The loop acts on it at the next step that all
+    processes agree on; a second Ctrl-C stops at once. A stopped run leaves `marker`, the cue
+    for launch/slurm/train.sbatch to requeue the job."""
 
-    def remember(signum, _frame):
-        received["signal"] = signal.Signals(signum).name
+    def __init__(self, out_dir: Path) -> None:
+        self.reason: str | None = None
+        self.parent = os.getppid()
+        self.marker = Path(os.environ.get("DISTGAN_PREEMPT_MARKER") or out_dir / PREEMPTED_MARKER)
 
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, remember)
-    return received
+    def install(self, under_launcher: bool) -> None:
+        for stop_signal in STOP_SIGNALS:
+            if stop_signal == signal.SIGHUP and signal.getsignal(stop_signal) == signal.SIG_IGN:
+                continue  # started under nohup: a closed terminal is meant to change nothing
+            signal.signal(stop_signal, self._received)
+        if under_launcher and sys.platform == "linux":
+            # The kernel signals us when the launcher dies, even by SIGKILL: stop, never orphan.
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
+            if os.getppid() != self.parent:  # it died before the request took effect
+                self.reason = "the launcher's exit"
+
+    def write_marker(self, step: int, stopped_by: str) -> None:
+        marker = {"step": step, "signal": stopped_by, "checkpoint": f"step-{step:08d}"}
+        write_json_atomically(self.marker, marker)
+
+    def _received(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT and self.reason is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        if self.reason is None:
+            orphaned = signum == PARENT_DEATH_SIGNAL and os.getppid() != self.parent
+            self.reason = "the launcher's exit" if orphaned else signal.Signals(signum).name
 
 
-def injected_faults() -> tuple[tuple[int, int] | None, set[int]]:
-    """Fault injection for the tests of failure handling:
+@dataclass(kw_only=True)
+class Faults:
+    """Fault injection for the tests of failure handling, read once from the environment:
     DISTGAN_INJECT_FAULT="RANK:STEP" makes that process raise at that step, and
     DISTGAN_INJECT_NAN="STEP:COUNT" makes the losses of COUNT steps from STEP non-finite, once
     each (a rollback replays those steps cleanly)."""
-    fault = os.environ.get("DISTGAN_INJECT_FAULT")
-    nan = os.environ.get("DISTGAN_INJECT_NAN")
-    rank_step = tuple(map(int, fault.split(":"))) if fault else None
-    first, count = map(int, nan.split(":")) if nan else (0, 0)
-    return rank_step, set(range(first, first + count))
+
+    raise_at: tuple[int, int] | None = None
+    nan_steps: set[int] | None = None
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Faults:
+        fault, nan = environ.get("DISTGAN_INJECT_FAULT"), environ.get("DISTGAN_INJECT_NAN")
+        first, count = map(int, nan.split(":")) if nan else (0, 0)
+        raise_at = tuple(map(int, fault.split(":"))) if fault else None
+        return cls(raise_at=raise_at, nan_steps=set(range(first, first + count)))
+
+    def poison(self, step: int) -> float:
+        """The factor on the losses of `step`: NaN once for an injected step, else 1."""
+        if self.nan_steps and step in self.nan_steps:
+            self.nan_steps.discard(step)
+            return float("nan")
+        return 1.0
+
+    def check(self, rank: int, step: int) -> None:
+        if self.raise_at == (rank, step):
+            raise RuntimeError(f"injected fault at step {step} (DISTGAN_INJECT_FAULT)")
+
+
+class NonfiniteWatch:
+    """Steps skipped for non-finite losses or gradients, counted on the device (no host sync),
+    read only in the agreement; and the rollbacks done so far."""
+
+    def __init__(self, device: torch.device):
+        self.skipped, self.streak, self.worst = (torch.zeros((), device=device) for _ in range(3))
+        self.rollbacks = 0
+
+    def record(self, bad_step: torch.Tensor) -> None:
+        self.skipped += bad_step
+        self.streak = (self.streak + bad_step) * bad_step
+        torch.maximum(self.worst, self.streak, out=self.worst)
+
+    def counts(self, generator: Generator) -> list[torch.Tensor]:
+        """[skipped steps, longest streak, 1 if G's BatchNorm statistics are not finite]: a
+        skipped step leaves the weights alone, but a non-finite forward pass still poisons them."""
+        finite = torch.stack([torch.isfinite(b).all() for b in generator.buffers()]).all()
+        return [self.skipped, self.worst, (~finite).float()]
+
+    def window_done(self) -> None:
+        """After a log line: count afresh, keeping the streak that is still running."""
+        self.skipped.zero_()
+        self.worst.copy_(self.streak)
+
+    def reset(self) -> None:
+        for counter in (self.skipped, self.streak, self.worst):
+            counter.zero_()
+
+
+class Throughput:
+    """Training images/s since the last log line, with the time of maintenance (samples,
+    checkpoints, evaluation) and of the first, compiling step kept out; and the run's wall time
+    over every resumed part."""
+
+    def __init__(self, global_batch: int, state: TrainerState, compiling: bool, log):
+        self.global_batch, self.compiling, self.log = global_batch, compiling, log
+        self.started, self.wall_before = time.perf_counter(), state.wall_time
+        self.restart(state.step)
+
+    def restart(self, step: int) -> None:
+        self.window_start, self.window_step, self.paused_seconds = time.perf_counter(), step, 0.0
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        if self.compiling:  # the first step compiles: time it, keep it out of images/s
+            loss.item()  # waits for the step to finish
+            self.compiling = False
+            self.log(f"torch.compile: first step (compiling) took {self._since_start():.1f} s")
+            self.restart(step)
+
+    def _since_start(self) -> float:
+        return time.perf_counter() - self.window_start
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        self.paused_seconds += time.perf_counter() - start
+
+    def images_per_sec(self, step: int) -> float:
+        """The rate over the window that ends now, and a new window."""
+        rate = (
+            (step - self.window_step)
+            * self.global_batch
+            / (self._since_start() - self.paused_seconds)
+        )
+        self.restart(step)
+        return rate
+
+    def wall_time(self) -> float:
+        return round(self.wall_before + time.perf_counter() - self.started, 2)
+
+
+class Agreement(NamedTuple):
+    """What every process knows after a gate step's one collective."""
+
+    loss_d: float
+    loss_g: float
+    d_real: float  # mean sigmoid(D) on real images
+    d_fake: float  # and on generated ones
+    skipped_steps: int  # since the last log line
+    longest_streak: int  # of consecutive skipped steps
+    buffers_finite: bool  # G's BatchNorm statistics, on every process
+    stop: str | None  # why the run stops here, or None
+
+
+class StepResult(NamedTuple):
+    """What `gan_step` leaves on the device (nothing is read back: no host sync)."""
+
+    loss_d: torch.Tensor
+    loss_g: torch.Tensor
+    real_logits: torch.Tensor
+    fake_logits: torch.Tensor
+    skipped: torch.Tensor  # 1.0 if the step was skipped for non-finite gradients, else 0.0
+
+
+def agree(accelerator: Accelerator, out: StepResult, watch: NonfiniteWatch, generator, stop):
+    """The gate's one collective: every process's logged numbers, non-finite counts and stop
+    request, gathered; then every process derives the same Agreement from the same table."""
+    local = torch.stack(
+        [
+            out.loss_d.detach().float(),
+            out.loss_g.detach().float(),
+            torch.sigmoid(out.real_logits.detach().float()).mean(),
+            torch.sigmoid(out.fake_logits.detach().float()).mean(),
+            *watch.counts(generator),
+            torch.tensor(float(stop.reason is not None), device=out.loss_d.device),
+        ]
+    )
+    table = accelerator.gather(local[None]).cpu()  # [processes, 8]
+    means, worst = table[:, :4].mean(0).tolist(), table[:, 4:].amax(0).tolist()
+    stop_reason = None
+    if worst[3]:
+        stop_reason = stop.reason or "a signal to another process"
+    return Agreement(*means, int(worst[0]), int(worst[1]), not worst[2], stop_reason)
 
 
 def nonfinite(module: torch.nn.Module) -> torch.Tensor:
@@ -187,18 +321,12 @@ def nonfinite(module: torch.nn.Module) -> torch.Tensor:
     return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
 
 
-def finite_buffers(module: torch.nn.Module) -> bool:
-    """Whether BatchNorm statistics are finite: a step skipped for non-finite gradients leaves
-    the weights alone, but a non-finite forward pass can still poison the running statistics."""
-    return all(bool(torch.isfinite(buffer).all()) for buffer in module.buffers())
-
-
-def divergence(longest_streak: int, buffers_finite: bool, step: int, limit: int) -> str | None:
+def divergence(verdict: Agreement, step: int, limit: int) -> str | None:
     """Why the run cannot go on as it is, or None."""
-    if not buffers_finite:
+    if not verdict.buffers_finite:
         return f"non-finite BatchNorm statistics in G at step {step}"
-    if longest_streak >= limit:
-        return f"{longest_streak} consecutive non-finite steps up to step {step}"
+    if verdict.longest_streak >= limit:
+        return f"{verdict.longest_streak} consecutive non-finite steps up to step {step}"
     return None
 
 
@@ -226,6 +354,11 @@ class GAN:
     generator_core: Generator
     ema: EMA
 
+    def set_learning_rates(self, tc: TrainConfig, scale: float) -> None:
+        for optimizer, base in ((self.opt_g, tc.lr_g), (self.opt_d, tc.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * scale
+
 
 def build_gan(accelerator: Accelerator, model_cfg: ModelConfig, tc: TrainConfig) -> GAN:
     """The same initial G and D on every process (DDP also broadcasts them), in the memory layout
@@ -244,24 +377,18 @@ def build_gan(accelerator: Accelerator, model_cfg: ModelConfig, tc: TrainConfig)
     betas = (tc.beta1, tc.beta2)
     opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, betas=betas, fused=True)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, betas=betas, fused=True)
-    generator, discriminator, opt_g, opt_d = accelerator.prepare(
-        generator, discriminator, opt_g, opt_d
-    )
+    prepared = accelerator.prepare(generator, discriminator, opt_g, opt_d)
+    generator, discriminator, opt_g, opt_d = prepared
     generator_core = accelerator.unwrap_model(generator)
     if tc.compile:  # around DDP, as PyTorch advises: the graph is split at gradient buckets
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
-    return GAN(generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
-               generator_core=generator_core, ema=ema)  # fmt: skip
+    models = {"generator": generator, "discriminator": discriminator}
+    return GAN(**models, opt_g=opt_g, opt_d=opt_d, generator_core=generator_core, ema=ema)
 
 
-def gan_step(
-    accelerator: Accelerator, tc: TrainConfig, gan: GAN, real: torch.Tensor, step: int,
-    poison: float = 1.0,
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0) -> StepResult:
     """One D step and one G step on a batch of real images, then the EMA update: all queued on
-    the device, with no host sync. `poison` multiplies the losses (NaN for fault injection).
-    Returns device tensors: loss_d, loss_g, real_logits, fake_logits, and 1.0 if the step was
-    skipped for non-finite gradients, else 0.0."""
+    the device, with no host sync. `poison` multiplies the losses (NaN for fault injection)."""
     generator, discriminator = gan.generator, gan.discriminator
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     real = real.contiguous(memory_format=layout)
@@ -293,298 +420,343 @@ def gan_step(
         gan.opt_g.optimizer.found_inf = bad_g
     gan.opt_g.step()
     gan.ema.update(gan.generator_core, step)
-    return loss_d, loss_g, real_logits, fake_logits, torch.maximum(bad_d, bad_g)
+    return StepResult(loss_d, loss_g, real_logits, fake_logits, torch.maximum(bad_d, bad_g))
 
 
-def train(cfg: Config) -> Path:
-    """Train G and D as `cfg` says; return the output folder. Works under `accelerate launch`
-    with any number of processes and under plain `python`."""
-    tc, dc = cfg.train, cfg.data
-    mixed_precision = resolve_mixed_precision(tc.mixed_precision)
-    if tc.sync_bn and not torch.cuda.is_available():
-        raise UserError(
-            "sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernels): drop --sync-bn"
+@dataclass(kw_only=True)
+class Run:
+    """What the maintenance below the loop's gate works with; fixed for the whole run."""
+
+    accelerator: Accelerator
+    cfg: Config
+    gan: GAN
+    loader: ImageLoader
+    out_dir: Path
+    progress: tqdm
+    fixed_z: torch.Tensor
+    extractor: metrics.FeatureExtractor | None = None
+    real_stats: metrics.Stats | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def write(self, line: str) -> None:
+        if self.is_main:
+            self.progress.write(line)
+
+    def record(self, values: dict) -> None:
+        if self.is_main:
+            append_jsonl(self.metrics_path, values)
+
+
+def gate_due(tc: TrainConfig, step: int) -> bool:
+    """Whether `step` is one where the processes agree (and maintenance may run): the same
+    answer on every process, from the step number alone."""
+    every = [min(tc.log_every, AGREE_EVERY), tc.sample_every, tc.ckpt_every, tc.eval_every]
+    return any(n and step % n == 0 for n in every)
+
+
+def log_step(run: Run, state, verdict: Agreement, speed: Throughput, watch: NonfiniteWatch, last):
+    """A metrics.jsonl line and the progress bar, every log_every steps; the speed and the
+    skipped steps count afresh from each line."""
+    if not (state.step % run.cfg.train.log_every == 0 or last):
+        return
+    watch.window_done()
+    images_per_sec = speed.images_per_sec(state.step)
+    run.record(
+        {
+            "step": state.step,
+            "epoch": round(state.step / run.loader.steps_per_epoch, 4),
+            "images_seen": state.images_seen,
+            "loss_d": verdict.loss_d,
+            "loss_g": verdict.loss_g,
+            "d_real": verdict.d_real,
+            "d_fake": verdict.d_fake,
+            "images_per_sec": round(images_per_sec, 2),
+            "lr_g": run.gan.opt_g.param_groups[0]["lr"],
+            "lr_d": run.gan.opt_d.param_groups[0]["lr"],
+            "skipped_steps": verdict.skipped_steps,
+            "wall_time": speed.wall_time(),
+        }
+    )
+    losses = {"loss_d": f"{verdict.loss_d:.3f}", "loss_g": f"{verdict.loss_g:.3f}"}
+    run.progress.set_postfix(**losses, img_s=f"{images_per_sec:.0f}")
+    if verdict.skipped_steps:
+        what = f"{verdict.skipped_steps} step(s) with non-finite losses or gradients"
+        run.write(f"step {state.step}: skipped {what}")
+
+
+def rollback_or_stop(run: Run, state: TrainerState, verdict: Agreement, watch: NonfiniteWatch):
+    """Too many non-finite steps in a row, or G's BatchNorm statistics poisoned (agreed by all
+    processes): the state of the last good checkpoint with lower learning rates, or RunStopped,
+    as configured; None while the run is healthy."""
+    tc = run.cfg.train
+    why = divergence(verdict, state.step, tc.nonfinite_limit)
+    if why is None:
+        return None
+    good = list_checkpoints(run.checkpoints)
+    if watch.rollbacks == MAX_ROLLBACKS:
+        why += f", again after {MAX_ROLLBACKS} rollbacks"
+    if tc.on_nonfinite == "stop" or not good or watch.rollbacks == MAX_ROLLBACKS:
+        kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint yet"
+        raise RunStopped(f"{why}; {kept}: lower --lr-g/--lr-d, or --on-nonfinite rollback")
+    watch.rollbacks += 1
+    watch.reset()
+    restored = load_checkpoint(run.accelerator, good[-1], run.gan.ema)  # RNG states included
+    restored.lr_scale = state.lr_scale * tc.rollback_lr_factor
+    run.gan.set_learning_rates(tc, restored.lr_scale)
+    event = {"event": "rollback", "reason": why, "checkpoint": good[-1].name}
+    run.record({"step": restored.step, **event, "lr_scale": restored.lr_scale})
+    run.write(f"{why}: rolled back to {good[-1].name}, learning rates x{restored.lr_scale:g}")
+    run.progress.n = restored.step
+    return restored
+
+
+def evaluate_ema(run: Run, state: TrainerState, last: bool) -> None:
+    """FID/KID of the EMA generator every eval_every steps; the best one is kept in best/."""
+    tc, accelerator = run.cfg.train, run.accelerator
+    if not tc.eval_every or not (state.step % tc.eval_every == 0 or last):
+        return
+    ema = run.gan.ema.module
+    # One generator for all processes: main's BN statistics (the weights are identical).
+    for buffer in ema.buffers():
+        buffer.copy_(broadcast(buffer.clone(), from_process=0))
+    options = {"batch_size": tc.batch_size, "seed": tc.seed + 1, "device": accelerator.device}
+    result = metrics.score(
+        accelerator, run.extractor, ema, run.real_stats, count=tc.eval_num, **options
+    )
+    if state.best_fid is None or result["fid"] < state.best_fid:
+        state.best_fid, state.best_step = result["fid"], state.step
+        if run.is_main:
+            save_generator(
+                run.out_dir / "best", ema, step=state.step, images_seen=state.images_seen
+            )
+    result["eval_seconds"] = result.pop("seconds")
+    best = {"best_fid": state.best_fid, "best_step": state.best_step}
+    run.record({"step": state.step, **result, **best})
+    run.write(
+        f"step {state.step}: FID {result['fid']:.3f} KID {result['kid_mean']:.5f} (best FID "
+        f"{state.best_fid:.3f} at step {state.best_step}; {run.extractor.name}, "
+        f"{result['n_fake']} fake vs {result['n_real']} real)"
+    )
+
+
+def write_samples(run: Run, state: TrainerState, last: bool) -> None:
+    """The EMA generator on the fixed z every sample_every steps, and the loss plot."""
+    if not run.is_main or not (state.step % run.cfg.train.sample_every == 0 or last):
+        return
+    with torch.no_grad():
+        samples = run.gan.ema.module(run.fixed_z)
+    save_grid(samples, run.out_dir / "samples" / f"step-{state.step:08d}.png")
+    plot_losses(run.metrics_path, run.out_dir / "losses.png")
+
+
+def checkpoint_if_due(run: Run, state: TrainerState, speed: Throughput, now: bool) -> None:
+    """A checkpoint every ckpt_every steps, and `now` (the last step, or a stop)."""
+    tc = run.cfg.train
+    if not (state.step % tc.ckpt_every == 0 or now):
+        return
+    state.wall_time = speed.wall_time()
+    save_checkpoint(run.accelerator, run.checkpoints, run.gan.ema, state, keep=tc.keep_checkpoints)
+
+
+def finish(run: Run, state: TrainerState, stop: StopRequest, stopped_by: str | None) -> None:
+    """A stopped run leaves its marker and says how to resume; a finished one checks that all
+    processes hold the same weights, then writes the generator."""
+    accelerator, out_dir = run.accelerator, run.out_dir
+    if stopped_by:
+        if run.is_main:
+            stop.write_marker(state.step, stopped_by)
+            print(
+                f"stopped by {stopped_by} at step {state.step}: checkpoint written; the same "
+                "command resumes from it",
+                flush=True,
+            )
+        return
+    discriminator = accelerator.unwrap_model(run.gan.discriminator)
+    modules = {"G": run.gan.generator_core, "D": discriminator, "EMA G": run.gan.ema.module}
+    check_ddp_consistency(accelerator, modules)
+    if run.is_main:
+        if accelerator.num_processes > 1:
+            processes = accelerator.num_processes
+            print(f"weights identical on all {processes} processes (G, D, EMA G)", flush=True)
+        save_generator(out_dir, run.gan.ema.module, step=state.step, images_seen=state.images_seen)
+        generator_file = out_dir / "generator.safetensors"
+        print(
+            f"done: step {state.step}, samples in {out_dir / 'samples'}, generator "
+            f"{generator_file}",
+            flush=True,
         )
+
+
+def build_cache(loader: ImageLoader, log) -> None:
+    """Decode the data into memory now, before the clock of the first steps starts, and say where
+    it went (or why the run streams from the files instead)."""
+    start = time.perf_counter()
+    cache = loader.build_cache()
+    size = f"{loader.cache_bytes / 2**20:.0f} MiB"
+    if cache is None:
+        log(
+            f"streaming images from files: decoded they would take {size}, more than a quarter of "
+            "the free memory"
+        )
+        return
+    seconds = time.perf_counter() - start
+    where = f"{size} in {cache.device} memory, decoded in {seconds:.1f} s"
+    log(f"decoded-image cache: {len(loader.files)} images, {where}")
+
+
+def make_accelerator(tc: TrainConfig) -> Accelerator:
+    """Accelerate's processes, DDP and autocast as the config says."""
     # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which Accelerate's kwargs
     # handler cannot pass yet; its own text says to keep broadcast_buffers=False for local buffers.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     # D runs three times per step (real, fake, fake for G) with BatchNorm: broadcasting buffers
     # on each forward would break autograd, so every process keeps its own BN statistics.
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
+    handlers = [
+        DistributedDataParallelKwargs(broadcast_buffers=False),
+        InitProcessGroupKwargs(timeout=timedelta(seconds=tc.dist_timeout)),
+    ]
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(tc.mixed_precision),
         cpu=not torch.cuda.is_available(),  # without it, CPU processes would not form a group
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(broadcast_buffers=False),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=tc.dist_timeout)),
-        ],
+        kwargs_handlers=handlers,
     )
+
+
+def prepare_fid(run: Run, files: list[str]) -> None:
+    """The feature extractor and the real statistics (cached) for evaluation during training."""
+    tc, dc, accelerator = run.cfg.train, run.cfg.data, run.accelerator
+    if not tc.eval_every:
+        return
+    run.extractor = metrics.make_extractor(
+        tc.eval_features, tc.inception_weights, accelerator.device
+    )
+    run.real_stats = metrics.reference_stats(
+        accelerator,
+        run.extractor,
+        metrics.real_files(files, tc.eval_real_num),
+        cache_dir=dc.cache_dir or default_cache_dir(),
+        log=accelerator.print,
+        resolution=run.cfg.model.resolution,
+        crop_box=dc.crop_box,
+        batch_size=tc.batch_size,
+        num_threads=dc.num_threads,
+        device_id=run.loader.device_id,
+    )
+
+
+def train(cfg: Config, faults: Faults | None = None) -> Path:
+    """Train G and D as `cfg` says; return the output folder. Works under `accelerate launch`
+    with any number of processes and under plain `python`. `faults`: injected failures (tests)."""
+    faults = faults or Faults()
+    out_dir = Path(cfg.train.out_dir)
+    stop = StopRequest(out_dir)  # first: a stop asked for during the set-up is not lost
+    stop.install(under_launcher=launched())
+    require_usable_cuda()  # else a GPU node would silently train as CPU processes
+    require_one_dali_build()
+    resume_from = find_resume_point(cfg.train.resume, out_dir / "checkpoints")
+    changes = {}
+    if resume_from is not None:  # the run's own settings, with what may change changed
+        cfg, changes = config_for_resume(cfg, resume_from)
+    tc, dc, model_cfg = cfg.train, cfg.data, cfg.model
+    configure_kernels(tc.deterministic)
+    if tc.sync_bn and not torch.cuda.is_available():
+        raise UserError(
+            "sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernels): drop --sync-bn"
+        )
+    accelerator = make_accelerator(tc)
     device, is_main = accelerator.device, accelerator.is_main_process
-    out_dir = Path(tc.out_dir)
-    checkpoints_root = out_dir / "checkpoints"
     if is_main:
         require_writable_dir(out_dir, "out_dir")
-        clean_unfinished(checkpoints_root)  # staging folders of a crash: never resumed from
+        clean_unfinished(out_dir / "checkpoints")  # staging folders of a crash: never resumed
     accelerator.wait_for_everyone()
 
-    # Where to start. A checkpoint's model config wins, so a resume rebuilds the same shapes.
-    resume_from = find_resume_point(tc.resume, checkpoints_root)
-    model_cfg = cfg.model
-    if resume_from is not None:
-        model_cfg = ModelConfig.from_dict(read_trainer_state(resume_from)["model"])
-        if model_cfg != cfg.model:
-            accelerator.print(f"note: resuming {resume_from}: model settings come from it")
-    cfg = Config(model=model_cfg, data=dc, train=tc)
-
     data_dir, files = prepare_images(accelerator, dc, model_cfg.resolution, out_dir)
-    loader = ImageLoader(
-        files, resolution=model_cfg.resolution, batch_size=tc.batch_size,
-        shard_id=accelerator.process_index,  # the global rank
-        num_shards=accelerator.num_processes, seed=tc.seed, crop_box=dc.crop_box, flip=dc.flip,
-        num_threads=dc.num_threads, device_id=device.index if device.type == "cuda" else None,
-        decoded_cache=dc.decoded_cache,
-    )  # fmt: skip
+    loader = ImageLoader.for_run(files, cfg, accelerator)
     if dc.decoded_cache == "auto":
-        build_start = time.perf_counter()
-        cache = loader.build_cache()
-        megabytes = loader.cache_bytes / 2**20
-        accelerator.print(
-            f"decoded-image cache: {len(files)} images, {megabytes:.0f} MiB in {cache.device} "
-            f"memory, decoded in {time.perf_counter() - build_start:.1f} s"
-            if cache is not None
-            else f"streaming images from files: decoded they would take {megabytes:.0f} MiB, more "
-            "than a quarter of the free memory"
-        )
+        build_cache(loader, accelerator.print)
     global_batch = tc.batch_size * accelerator.num_processes
     total_steps = tc.max_steps or tc.epochs * loader.steps_per_epoch
-    extractor, real_stats = prepare_fid(accelerator, tc, dc, files, model_cfg.resolution,
-                                        loader.device_id)  # fmt: skip
-
     gan = build_gan(accelerator, model_cfg, tc)
-    opt_g, opt_d, ema, generator_core = gan.opt_g, gan.opt_d, gan.ema, gan.generator_core
-    fixed_z = torch.randn(
-        tc.num_samples, model_cfg.z_dim, generator=torch.Generator().manual_seed(tc.seed)
-    ).to(device)
-
-    def set_learning_rates(scale: float) -> None:
-        for optimizer, base in ((opt_g, tc.lr_g), (opt_d, tc.lr_d)):
-            for group in optimizer.param_groups:
-                group["lr"] = base * scale
-
-    def restore(path: Path) -> dict:
-        state = load_checkpoint(accelerator, path, ema)  # RNG states included
-        set_learning_rates(state.get("lr_scale", 1.0))
-        return state
-
-    step, images_seen, wall_before, lr_scale = 0, 0, 0.0, 1.0
-    best_fid, best_step = float("inf"), None
+    seeded = torch.Generator().manual_seed(tc.seed)
+    fixed_z = torch.randn(tc.num_samples, model_cfg.z_dim, generator=seeded).to(device)
+    state = TrainerState(step=0, model=model_cfg, global_batch=global_batch)
     if resume_from is not None:
-        state = restore(resume_from)
-        step, images_seen, wall_before = state["step"], state["images_seen"], state["wall_time"]
-        best_fid, best_step = state.get("best_fid") or float("inf"), state.get("best_step")
-        lr_scale = state.get("lr_scale", 1.0)
+        state = load_checkpoint(accelerator, resume_from, gan.ema)  # RNG states included
+        gan.set_learning_rates(tc, state.lr_scale)
     else:
         set_seed(tc.seed + accelerator.process_index)  # each process draws its own z
+    progress = tqdm(total=total_steps, initial=state.step, unit="step", disable=not is_main)
+    parts = {"cfg": cfg, "gan": gan, "loader": loader, "progress": progress, "fixed_z": fixed_z}
+    run = Run(accelerator=accelerator, out_dir=out_dir, **parts)
+    prepare_fid(run, files)
 
-    preempt_marker = Path(os.environ.get("DISTGAN_PREEMPT_MARKER") or out_dir / PREEMPTED_MARKER)
     if is_main:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        preempt_marker.unlink(missing_ok=True)
+        stop.marker.unlink(missing_ok=True)
         cfg.save_toml(out_dir / "config.toml")
+        for key, (old, new) in changes.items():
+            print(f"resuming with {key} {old!r} -> {new!r} (recorded in config.toml)", flush=True)
+        if changes:  # config.toml holds the settings now; this file, when each changed
+            changed = {key: list(values) for key, values in changes.items()}
+            append_jsonl(out_dir / CHANGES_FILE, {"step": state.step, "changes": changed})
         print(
             f"distgan: {accelerator.num_processes} process(es) on {device.type}, batch "
-            f"{tc.batch_size}/process (global {global_batch}), precision {mixed_precision}, "
-            f"{len(files)} images in {data_dir}, {loader.steps_per_epoch} steps/epoch, "
-            f"steps {step} -> {total_steps}, output {out_dir}",
+            f"{tc.batch_size}/process (global {global_batch}), precision "
+            f"{accelerator.mixed_precision}, {len(files)} images in {data_dir}, "
+            f"{loader.steps_per_epoch} steps/epoch, steps {state.step} -> {total_steps}, "
+            f"output {out_dir}",
             flush=True,
         )
-    stop_request, stopped_by = catch_stop_signals(), None
-    fault, nan_steps = injected_faults()
-    # Non-finite steps, counted on the device and read at log steps: no extra host syncs.
-    skipped, streak, worst_streak = (torch.zeros((), device=device) for _ in range(3))
-    rollbacks = 0
-    metrics_path = out_dir / "metrics.jsonl"
-    progress = tqdm(total=total_steps, initial=step, unit="step", disable=not is_main)
-    run_start = time.perf_counter()
-    window_start, window_step, io_seconds = run_start, step, 0.0
-    compile_pending = tc.compile
+    watch = NonfiniteWatch(device)
+    speed = Throughput(global_batch, state, tc.compile, accelerator.print)
+    stopped_by = None
 
     try:
-        while step < total_steps and stopped_by is None:
-            epoch, start_in_epoch = divmod(step, loader.steps_per_epoch)
+        while state.step < total_steps and stopped_by is None:
+            epoch, start_in_epoch = divmod(state.step, loader.steps_per_epoch)
             for real in loader.epoch(epoch, start_in_epoch):
-                if is_main and step == 0:
+                if is_main and state.step == 0:
                     save_grid(real[: tc.num_samples].clone(), out_dir / "samples" / "real.png")
-                poison = float("nan") if step + 1 in nan_steps else 1.0
-                nan_steps.discard(step + 1)
-                loss_d, loss_g, real_logits, fake_logits, bad_step = gan_step(
-                    accelerator, tc, gan, real, step, poison
-                )
-                skipped += bad_step
-                streak = (streak + bad_step) * bad_step
-                worst_streak = torch.maximum(worst_streak, streak)
-
-                step += 1
-                images_seen += global_batch
+                poison = faults.poison(state.step + 1)
+                out = gan_step(accelerator, tc, gan, real, state.step, poison)
+                watch.record(out.skipped)
+                state.step += 1
+                state.images_seen += global_batch
                 progress.update(1)
-                if compile_pending:  # the first step compiles: time it, keep it out of images/s
-                    loss_g.item()  # waits for the step to finish
-                    compile_pending = False
-                    seconds = time.perf_counter() - window_start
-                    accelerator.print(f"torch.compile: first step (compiling) took {seconds:.1f} s")
-                    window_start, window_step = time.perf_counter(), step
-                last = step == total_steps
-                if fault == (accelerator.process_index, step):
-                    raise RuntimeError(f"injected fault at step {step} (DISTGAN_INJECT_FAULT)")
-                # Processes may get the signal at different steps: agree on one step to stop at.
-                if accelerator.num_processes == 1:
-                    stopped_by = stop_request["signal"]
-                elif step % STOP_CHECK_EVERY == 0 and not last:
-                    flag = torch.tensor([float(stop_request["signal"] is not None)], device=device)
-                    if accelerator.reduce(flag, "sum").item() > 0:
-                        stopped_by = stop_request["signal"] or "a signal to another process"
+                speed.after_step(state.step, out.loss_g)
+                faults.check(accelerator.process_index, state.step)
+                last = state.step == total_steps
+                if not (last or gate_due(tc, state.step)):
+                    continue
 
-                if step % tc.log_every == 0 or last:  # the only host syncs of the loop
-                    stats = torch.stack([
-                        loss_d.detach(), loss_g.detach(),
-                        torch.sigmoid(real_logits.detach().float()).mean(),
-                        torch.sigmoid(fake_logits.detach().float()).mean(),
-                    ])  # fmt: skip
-                    loss_d_mean, loss_g_mean, d_real, d_fake = accelerator.reduce(
-                        stats, "mean"
-                    ).tolist()
-                    skipped_steps, longest = int(skipped.item()), int(worst_streak.item())
-                    buffers_finite = finite_buffers(generator_core)
-                    skipped.zero_()
-                    worst_streak.copy_(streak)
-                    now = time.perf_counter()
-                    images_per_sec = (
-                        (step - window_step) * global_batch / (now - window_start - io_seconds)
-                    )
-                    window_start, window_step, io_seconds = now, step, 0.0
-                    if is_main:
-                        append_jsonl(metrics_path, {
-                            "step": step, "epoch": round(step / loader.steps_per_epoch, 4),
-                            "images_seen": images_seen,
-                            "loss_d": loss_d_mean, "loss_g": loss_g_mean,
-                            "d_real": d_real, "d_fake": d_fake,
-                            "images_per_sec": round(images_per_sec, 2),
-                            "lr_g": opt_g.param_groups[0]["lr"],
-                            "lr_d": opt_d.param_groups[0]["lr"],
-                            "skipped_steps": skipped_steps,
-                            "wall_time": round(wall_before + now - run_start, 2),
-                        })  # fmt: skip
-                        progress.set_postfix(
-                            loss_d=f"{loss_d_mean:.3f}", loss_g=f"{loss_g_mean:.3f}",
-                            img_s=f"{images_per_sec:.0f}",
-                        )  # fmt: skip
-                        if skipped_steps:
-                            progress.write(f"step {step}: skipped {skipped_steps} step(s) with "
-                                           "non-finite losses or gradients")  # fmt: skip
-                    # Too many non-finite steps in a row (or G's BN statistics poisoned): go back to
-                    # the last good checkpoint with lower learning rates, or stop, as configured.
-                    why = divergence(longest, buffers_finite, step, tc.nonfinite_limit)
-                    if why:
-                        good = list_checkpoints(checkpoints_root)
-                        if rollbacks == MAX_ROLLBACKS:
-                            why += f", again after {MAX_ROLLBACKS} rollbacks"
-                        if tc.on_nonfinite == "stop" or not good or rollbacks == MAX_ROLLBACKS:
-                            kept = (
-                                f"the last good checkpoint is {good[-1]}"
-                                if good
-                                else "no checkpoint yet"
-                            )
-                            raise RunStopped(
-                                f"{why}; {kept}: lower --lr-g/--lr-d, or --on-nonfinite rollback"
-                            )
-                        lr_scale *= tc.rollback_lr_factor
-                        rollbacks += 1
-                        state = restore(good[-1])
-                        set_learning_rates(lr_scale)
-                        step, images_seen = state["step"], state["images_seen"]
-                        progress.n, window_step = step, step
-                        streak.zero_()
-                        worst_streak.zero_()
-                        if is_main:
-                            event = {"step": step, "event": "rollback", "reason": why,
-                                     "checkpoint": good[-1].name, "lr_scale": lr_scale}  # fmt: skip
-                            append_jsonl(metrics_path, event)
-                            progress.write(
-                                f"{why}: rolled back to {good[-1].name}, "
-                                f"learning rates x{lr_scale:g}"
-                            )
-                        break  # restart the data stream at the checkpoint's position
-
-                io_start = time.perf_counter()
-                if tc.eval_every and (step % tc.eval_every == 0 or last):
-                    # One generator for all processes: main's BN statistics (weights are identical).
-                    for buffer in ema.module.buffers():
-                        buffer.copy_(broadcast(buffer.clone(), from_process=0))
-                    eval_start = time.perf_counter()
-                    fake_stats = metrics.fake_stats(
-                        accelerator, extractor, ema.module, tc.eval_num, batch_size=tc.batch_size,
-                        seed=tc.seed + 1, device=device,
-                    )  # fmt: skip
-                    result = metrics.scores(real_stats, fake_stats)
-                    if result["fid"] < best_fid:
-                        best_fid, best_step = result["fid"], step
-                        if is_main:
-                            save_generator(
-                                out_dir / "best", ema.module, step=step, images_seen=images_seen
-                            )
-                    record = {
-                        "step": step, **result, "best_fid": best_fid, "best_step": best_step,
-                        **metrics.describe(extractor, real_stats, fake_stats, model_cfg.resolution),
-                        "eval_seconds": round(time.perf_counter() - eval_start, 2),
-                    }  # fmt: skip
-                    if is_main:
-                        append_jsonl(metrics_path, record)
-                        progress.write(
-                            f"step {step}: FID {result['fid']:.3f} KID {result['kid_mean']:.5f} "
-                            f"(best FID {best_fid:.3f} at step {best_step}; {extractor.name}, "
-                            f"{fake_stats.count} fake vs {real_stats.count} real)"
-                        )
-                if is_main and (step % tc.sample_every == 0 or last):
-                    with torch.no_grad():
-                        samples = ema.module(fixed_z)
-                    save_grid(samples, out_dir / "samples" / f"step-{step:08d}.png")
-                    plot_losses(metrics_path, out_dir / "losses.png")
-                if (step % tc.ckpt_every == 0 or last or stopped_by) and not finite_buffers(
-                    generator_core
-                ):
-                    progress.write(
-                        f"step {step}: no checkpoint: G's BatchNorm statistics are not finite"
-                    )
-                elif step % tc.ckpt_every == 0 or last or stopped_by:
-                    wall_time = wall_before + time.perf_counter() - run_start
-                    save_checkpoint(accelerator, checkpoints_root, step, ema, {
-                        "step": step, "images_seen": images_seen, "wall_time": round(wall_time, 2),
-                        "global_batch": global_batch, "model": model_cfg.to_dict(),
-                        "best_fid": best_fid if best_step else None, "best_step": best_step,
-                        "lr_scale": lr_scale,
-                    }, keep=tc.keep_checkpoints)  # fmt: skip
-                io_seconds += time.perf_counter() - io_start
-                if last or stopped_by:
+                verdict = agree(accelerator, out, watch, gan.generator_core, stop)
+                log_step(run, state, verdict, speed, watch, last)
+                restored = rollback_or_stop(run, state, verdict, watch)
+                if restored is not None:
+                    state = restored
+                    speed.restart(state.step)
+                    break  # restart the data stream at the checkpoint's position
+                with speed.paused():
+                    evaluate_ema(run, state, last)
+                    write_samples(run, state, last)
+                    checkpoint_if_due(run, state, speed, now=last or verdict.stop is not None)
+                if last or verdict.stop:
+                    stopped_by = None if last else verdict.stop  # a stop at the end: finished
                     break
-
     finally:
         progress.close()  # also on errors: the last line a user sees is the error
-    if stopped_by:
-        if is_main:  # launch/slurm/train.sbatch requeues the job when it finds this marker
-            marker = {"step": step, "signal": stopped_by, "checkpoint": f"step-{step:08d}"}
-            preempt_marker.write_text(json.dumps(marker))
-            print(f"stopped by {stopped_by} at step {step}: checkpoint written; the same command "
-                  "resumes from it", flush=True)  # fmt: skip
-    else:
-        check_ddp_consistency(accelerator, {"G": generator_core,
-                                            "D": accelerator.unwrap_model(gan.discriminator),
-                                            "EMA G": ema.module})  # fmt: skip
-        if is_main:
-            if accelerator.num_processes > 1:
-                print(f"weights identical on all {accelerator.num_processes} processes "
-                      "(G, D, EMA G)", flush=True)  # fmt: skip
-            save_generator(out_dir, ema.module, step=step, images_seen=images_seen)
-            print(f"done: step {step}, samples in {out_dir / 'samples'}, generator "
-                  f"{out_dir / 'generator.safetensors'}", flush=True)  # fmt: skip
+    finish(run, state, stop, stopped_by)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
@@ -592,17 +764,20 @@ def train(cfg: Config) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        train(parse_args(argv))
+        train(parse_args(argv), Faults.from_env())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as err:
         print(f"error: training stopped: {err}", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped at once, without a checkpoint", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         # Name the process: under a launcher the first failure is the one that matters, and the
         # launcher then stops the other processes (or they time out of their next collective).
         rank = os.environ.get("RANK", "0")
-        print(f"error: process {rank} failed: {type(err).__name__}: {err}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        message = f"error: process {rank} failed: {type(err).__name__}: {err}"
+        print(message, file=sys.stderr, flush=True)
         raise

@@ -1,10 +1,16 @@
 """`python -m export bench`: images/s of the exported model under onnxruntime vs the same weights in
-PyTorch eager fp32, measured in one run, alternating, median of repeats."""
+PyTorch eager fp32, measured in one run, alternating, median of repeats.
+
+Both sides do the same work: numpy z in, the image on the host as numpy out, so on CUDA both pay
+the upload of z and the download of the image. Each row names the device onnxruntime really ran
+on: a CUDA provider that fails to load falls back to the CPU, and PyTorch then runs there too.
+"""
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +20,7 @@ import torch
 from distgan.checkpoint import load_generator
 from distgan.errors import UserError
 from export.generate import Runner
-from export.runtime import create_session, cuda_device_count, model_info
+from export.runtime import create_session, cuda_device_count, model_info, session_device
 
 MIN_SECONDS = 0.3  # each timed repeat runs at least this long, so batch 1 is not timer noise
 
@@ -30,29 +36,36 @@ def _time(run, min_seconds: float = MIN_SECONDS) -> float:
             return elapsed / calls
 
 
+def torch_side(generator, z: np.ndarray, device: torch.device):
+    """PyTorch doing what Runner does: numpy z in, numpy image on the host out."""
+
+    def run() -> np.ndarray:
+        with torch.no_grad():
+            return generator(torch.from_numpy(z).to(device)).cpu().numpy()  # .cpu() waits for it
+
+    return run
+
+
+def ort_side(runner: Runner, z: np.ndarray):
+    """onnxruntime through Runner (IO binding on CUDA): numpy z in, numpy image out."""
+    return lambda: runner(z)
+
+
 def measure(model_path, generator_path, batch_sizes, repeats: int, device: str) -> list[dict]:
-    """One row per batch size: onnxruntime and PyTorch images/s (medians) and their ratio."""
-    session = create_session(model_path, device)
+    """One row per batch size: onnxruntime and PyTorch images/s (medians) and their ratio, with
+    the device onnxruntime really ran on."""
+    # "auto", not "cuda": a CUDA provider that fails to load then gives CPU rows labelled so
+    session = create_session(model_path, "auto" if device == "cuda" else "cpu")
+    ran_on = session_device(session)
     info = model_info(session)
     runner = Runner(session)
     generator, _ = load_generator(generator_path)
-    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
+    torch_device = torch.device(ran_on)  # both sides where onnxruntime really runs
     generator = generator.to(torch_device)
     rows = []
     for batch in batch_sizes:
         z = np.random.default_rng(0).standard_normal((batch, info.z_dim), dtype=np.float32)
-        z_torch = torch.from_numpy(z).to(torch_device)
-
-        def run_torch(z_torch=z_torch):
-            with torch.no_grad():
-                image = generator(z_torch)
-            if torch_device.type == "cuda":
-                torch.cuda.synchronize()
-            return image
-
-        def run_ort(z=z):
-            return runner(z)
-
+        run_torch, run_ort = torch_side(generator, z, torch_device), ort_side(runner, z)
         run_torch(), run_ort()  # warm-up: allocations, algorithm choice
         ort_times, torch_times = [], []
         for _ in range(repeats):  # alternate, so drift in the machine hits both alike
@@ -60,13 +73,23 @@ def measure(model_path, generator_path, batch_sizes, repeats: int, device: str) 
             torch_times.append(_time(run_torch))
         ort_ips = batch / statistics.median(ort_times)
         torch_ips = batch / statistics.median(torch_times)
-        rows.append({
-            "device": device, "batch": batch, "onnxruntime_images_per_sec": round(ort_ips, 1),
+        row = {
+            "device": ran_on,
+            "batch": batch,
+            "onnxruntime_images_per_sec": round(ort_ips, 1),
             "torch_eager_fp32_images_per_sec": round(torch_ips, 1),
-            "ratio": round(ort_ips / torch_ips, 2), "precision": info.precision,
+            "ratio": round(ort_ips / torch_ips, 2),
+            "precision": info.precision,
             "output": info.output_format,
-        })  # fmt: skip
+        }
+        rows.append(row)
     return rows
+
+
+def table_line(row: dict) -> str:
+    """One of `measure`'s rows as a line of the Markdown table that `bench` prints."""
+    ort, eager = row["onnxruntime_images_per_sec"], row["torch_eager_fp32_images_per_sec"]
+    return f"| {row['device']} | {row['batch']} | {ort:.1f} | {eager:.1f} | {row['ratio']:.2f}x |"
 
 
 def bench(model_path, generator_path, batch_sizes, repeats: int = 5) -> list[dict]:
@@ -78,15 +101,21 @@ def bench(model_path, generator_path, batch_sizes, repeats: int = 5) -> list[dic
             "the PyTorch side needs the generator: pass --generator generator.safetensors"
         )
     devices = ["cpu"] + (["cuda"] if cuda_device_count() and torch.cuda.is_available() else [])
-    print(f"model {model_path}; PyTorch weights {generator_path}; torch threads "
-          f"{torch.get_num_threads()}, cores {os.cpu_count()}")  # fmt: skip
+    threads = f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}"
+    print(f"model {model_path}; PyTorch weights {generator_path}; {threads}")
+    print("both sides: numpy z in, numpy image out (on CUDA: upload and download included)")
     print("| device | batch | onnxruntime img/s | PyTorch eager fp32 img/s | ratio |")
     print("|---|---:|---:|---:|---:|")
     rows = []
     for device in devices:
-        for row in measure(model_path, generator_path, batch_sizes, repeats, device):
+        measured = measure(model_path, generator_path, batch_sizes, repeats, device)
+        if measured and measured[0]["device"] != device:  # rows say what ran; say why here
+            print(
+                "note: onnxruntime's CUDA provider did not load (probably a CUDA/cuDNN version "
+                "mismatch with the onnxruntime-gpu build): the rows below ran on the CPU",
+                file=sys.stderr,
+            )
+        for row in measured:
             rows.append(row)
-            print(f"| {device} | {row['batch']} | {row['onnxruntime_images_per_sec']:.1f} | "
-                  f"{row['torch_eager_fp32_images_per_sec']:.1f} | {row['ratio']:.2f}x |",
-                  flush=True)  # fmt: skip
+            print(table_line(row), flush=True)
     return rows

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from distgan.errors import UserError, require_writable_dir
-from export.runtime import UINT8_OUTPUT, create_session, model_info
+from distgan.errors import UserError, first_line, require_writable_dir
+from export.runtime import UINT8_OUTPUT, create_session, model_info, session_device
 
 
 def latents(num: int, z_dim: int, seed: int, truncation: float | None = None) -> np.ndarray:
@@ -56,7 +56,7 @@ class Runner:
 
     def __init__(self, session: ort.InferenceSession):
         self.session = session
-        self.on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
+        self.on_cuda = session_device(session) == "cuda"
         self.input_name = session.get_inputs()[0].name
         self.output_name = session.get_outputs()[0].name
 
@@ -65,7 +65,7 @@ class Runner:
             return self._run(z)
         except Exception as err:  # onnxruntime's own error types: a shape or type the model rejects
             expected = self.session.get_inputs()[0].shape
-            detail = str(err).strip().splitlines()[0][:160]
+            detail = first_line(err, 160)
             raise UserError(
                 f"the model rejected z of shape {list(z.shape)} (it takes {expected}): {detail}"
             ) from None
@@ -119,6 +119,8 @@ def generate(
     info = model_info(session, z_dim)
     require_writable_dir(out_dir, "--out-dir")
     run = Runner(session)
+    if progress:  # what really runs: "auto" falls back to the CPU when CUDA does not load
+        print(f"onnxruntime: {session.get_providers()[0]}", file=sys.stderr)
     z_all = latents(num, info.z_dim, seed, truncation)
     paths = [out_dir / f"{i:06d}.png" for i in range(num)]
     grid_pixels = []
@@ -150,6 +152,6 @@ def generate(
         frames = to_pixels(run(slerp(ends[0], ends[1], interpolate)), info.output_format)
         save_grid(frames, out_dir / "interpolation.png", columns=interpolate)
         loop = [Image.fromarray(f) for f in np.concatenate([frames, frames[-2:0:-1]])]  # ping-pong
-        loop[0].save(out_dir / "interpolation.gif", save_all=True, append_images=loop[1:],
-                     duration=80, loop=0)  # fmt: skip
+        animation = dict(save_all=True, append_images=loop[1:], duration=80, loop=0)
+        loop[0].save(out_dir / "interpolation.gif", **animation)
     return paths

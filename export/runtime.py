@@ -9,11 +9,12 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from distgan.errors import UserError  # a torch-free module
+from distgan.errors import UserError, first_line  # a torch-free module
 
 FLOAT_OUTPUT = "float32 NCHW RGB in [-1, 1]"
 UINT8_OUTPUT = "uint8 NHWC RGB in [0, 255]"
 DEVICES = ("auto", "cpu", "cuda")
+CPU_ONLY = ["CPUExecutionProvider"]
 
 
 def cuda_device_count() -> int:
@@ -42,13 +43,18 @@ def pick_providers(device: str = "auto") -> list:
     if device != "cpu" and cuda_ready:
         cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}
         return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    return list(CPU_ONLY)
 
 
 def create_session(
     path: str | Path, device: str = "auto", threads: int | None = None
 ) -> ort.InferenceSession:
-    """An InferenceSession with full graph optimisation, or a one-line error for a bad file."""
+    """An InferenceSession with full graph optimisation, or a one-line error for a bad file.
+
+    onnxruntime falls back to the CPU when its CUDA provider fails to load (a CUDA/cuDNN major
+    other than its build's), printing errors but raising nothing: with `device="cuda"` that is a
+    one-line error here; with "auto" the session runs on the CPU, and `session_device` says so.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model {path} does not exist: export one with `python -m export onnx`")
@@ -57,13 +63,40 @@ def create_session(
     options.log_severity_level = 3  # errors only
     if threads:
         options.intra_op_num_threads = threads
+    providers = pick_providers(device)
     try:
-        return ort.InferenceSession(str(path), options, providers=pick_providers(device))
+        session = _open(path, options, providers)
     except UserError:
-        raise
+        if providers == CPU_ONLY:
+            raise
+        # some builds raise instead of falling back: it may be the CUDA provider, not the model
+        session = _open(path, options, CPU_ONLY)
+    if device == "cuda" and session_device(session) != "cuda":
+        raise UserError(cuda_fallback_message())
+    return session
+
+
+def _open(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own types for bad protobufs and graphs
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        detail = first_line(err)
         raise UserError(f"{path} is not a usable ONNX model ({detail})") from None
+
+
+def cuda_fallback_message() -> str:
+    build = str(getattr(ort, "cuda_version", "") or "")  # what this onnxruntime-gpu was built for
+    needs = f": this onnxruntime-gpu build needs CUDA {build.split('.')[0]}" if build else ""
+    return (
+        "CUDA was asked for but onnxruntime could not load its CUDA provider and fell back to the "
+        f"CPU (probably a CUDA/cuDNN version mismatch{needs}): install the onnxruntime-gpu build "
+        "for your CUDA major version, or use --device cpu"
+    )
+
+
+def session_device(session: ort.InferenceSession) -> str:
+    """Where the session really runs, "cuda" or "cpu" (its first provider), not what was asked."""
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
 
 @dataclass(frozen=True)

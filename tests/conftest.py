@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# The GAN of the small training runs: 32 px, 16 channels in G and D, batches of 8.
+SMALL_GAN = ["--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8"]
 
 
 def solid_colour(index: int) -> tuple[int, int, int]:
@@ -66,6 +69,13 @@ def faces_cache(tmp_path_factory) -> Path:
     return cache
 
 
+def free_port() -> int:
+    """A TCP port that was free a moment ago, for a run's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 600, env=None):
     """Run the real entry point as a user would; return the CompletedProcess (never raises)."""
     command = [*(launcher or [sys.executable]), str(REPO / "launch" / "train.py"), *map(str, args)]
@@ -75,14 +85,19 @@ def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 600,
     )
 
 
+def run_module(*args, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python -m ARGS` from the checkout, as a user runs it; the CompletedProcess (never raises
+    on a failing command)."""
+    command = [sys.executable, "-m", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
 def image_array(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
 def small_run(out_dir, faces_cache, *extra, sample_every: int = 10) -> list:
     """Flags of a small, fast training run on the cached built-in faces (extra flags win)."""
-    return [
-        "--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240",
-        "--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8",
-        "--log-every", "5", "--sample-every", sample_every, "--ckpt-every", "10", *extra,
-    ]  # fmt: skip
+    data = ["--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240"]
+    every = ["--log-every", "5", "--sample-every", sample_every, "--ckpt-every", "10"]
+    return [*data, *SMALL_GAN, *every, *extra]

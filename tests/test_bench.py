@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_module
 
 from bench import run, timing, training
 
@@ -89,15 +89,13 @@ def test_variants_include_the_trainer_defaults_once():
 
 
 def test_too_few_rounds_are_refused():
-    result = subprocess.run([sys.executable, "-m", "bench", "--rounds", "3"], capture_output=True,
-                            text=True, cwd=REPO)  # fmt: skip
+    result = run_module("bench", "--rounds", "3")
     assert result.returncode == 2 and "--rounds must be at least 5" in result.stderr
 
 
 @pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-                            capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+    result = run_module("bench", "--quick", "--out", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = tmp_path.glob("*.json")
     data = json.loads(path.read_text())

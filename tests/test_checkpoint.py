@@ -70,7 +70,7 @@ def test_only_complete_checkpoints_are_listed(tmp_path):
     (tmp_path / ".staging-step-00000050").mkdir()
     found = list_checkpoints(tmp_path)
     assert [p.name for p in found] == ["step-00000005", "step-00000010", "step-00000030"]
-    assert read_trainer_state(found[-1])["step"] == 30
+    assert read_trainer_state(found[-1]).step == 30
     assert list_checkpoints(tmp_path / "missing") == []
     with pytest.raises(UserError, match="not a complete distgan checkpoint"):
         read_trainer_state(tmp_path / "step-00000040")

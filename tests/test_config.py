@@ -60,6 +60,7 @@ def test_every_field_has_a_documented_flag():
         (["--ema-decay", "1.5"], "ema_decay=1.5"),
         (["--decoded-cache", "on"], "decoded_cache='on' is not allowed: use auto or off"),
         (["--compile", "--loss", "wgan-gp"], "does not work with loss='wgan-gp'"),
+        (["--sync-bn", "--loss", "wgan-gp"], "sync_bn=True does not work with loss='wgan-gp'"),
     ],
 )
 def test_bad_values_fail_with_the_key_and_the_fix(argv, message):
@@ -94,10 +95,8 @@ def test_wrong_type_and_bad_files(tmp_path):
 
 
 def test_entry_point_prints_one_line_and_exits_2():
-    result = subprocess.run(
-        [sys.executable, "launch/train.py", "--resolution", "100"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    command = [sys.executable, "launch/train.py", "--resolution", "100"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: resolution=100 is not allowed: use a power of two from 32 to 256 (32, 64, 128, 256)"

@@ -1,7 +1,8 @@
 """Data: the DALI pipeline on generated image folders: shape, dtype, range and exact colours;
 PNG, RGBA and grayscale inputs; the crop box; flips; sharding (disjoint, covering, equal step
 counts, and DALI reading exactly the planned files); mid-epoch resume; and the decoded-image cache
-(bitwise the streaming batches, and streaming when memory is short)."""
+(bitwise the streaming batches, and streaming when memory is short); which device DALI decodes on,
+and how much memory the cache may take on a GPU node."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,14 @@ from conftest import colour_index, solid_colour, write_images
 from PIL import Image
 
 from distgan import data as data_module
-from distgan.data import ImageLoader, epoch_order, find_images, steps_per_epoch
+from distgan.data import (
+    ImageLoader,
+    dali_device_id,
+    epoch_order,
+    find_images,
+    memory_for_cache,
+    steps_per_epoch,
+)
 
 
 def loader(files, **kwargs):
@@ -151,8 +159,9 @@ def noise_images(folder, count: int, size=(40, 30)) -> list[str]:
 def test_decoded_cache_gives_exactly_the_streaming_batches(tmp_path, crop_box):
     files = noise_images(tmp_path / "noise", 13)  # 13: the last global batch is padded
     for shard in (0, 1):
-        options = dict(flip=True, shard_id=shard, num_shards=2, batch_size=3, seed=5,
-                       crop_box=crop_box)  # fmt: skip
+        options = dict(
+            flip=True, shard_id=shard, num_shards=2, batch_size=3, seed=5, crop_box=crop_box
+        )
         streaming = loader(files, decoded_cache="off", **options)
         cached = loader(files, decoded_cache="auto", **options)
         for epoch, start in ((0, 0), (1, 1), (3, 0)):  # new orders and flips; a resumed epoch
@@ -182,3 +191,24 @@ def test_decoded_cache_streams_when_memory_is_short(monkeypatch, jpeg_folder):
     got = [b.clone() for b in short.epoch(0)]
     assert short.cache is None and len(got) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_dali_decodes_on_the_training_device(monkeypatch):
+    # Accelerate's device for one process on one GPU is `cuda` with no index: the current device.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert dali_device_id(torch.device("cuda")) == 3
+    assert dali_device_id(torch.device("cuda", 1)) == 1
+    assert dali_device_id(torch.device("cpu")) is None
+
+
+def test_cache_budget_per_gpu_and_per_host(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * gib, 80 * gib))
+    monkeypatch.setattr(data_module, "available_memory", lambda: 64 * gib)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    # Eight processes, eight GPUs: each GPU holds one copy, the host would hold eight.
+    assert memory_for_cache(torch.device("cuda", 5)) == 20 * gib
+    assert memory_for_cache(torch.device("cpu")) == 2 * gib
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # two processes per GPU
+    assert memory_for_cache(torch.device("cuda", 0)) == 10 * gib

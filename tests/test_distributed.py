@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,16 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, run_train, small_run, write_images
+from conftest import REPO, free_port, run_train, small_run, write_images
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(processes=2, machines=1, rank=0, port=None):
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port or free_port())]  # fmt: skip
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes)]
+    command += ["--num_machines", str(machines), "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "--main_process_port", str(port or free_port())]
     if machines > 1:
         command += ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
     return command
@@ -51,19 +44,17 @@ def test_two_processes_end_identical_with_one_checkpoint(tmp_path, faces_cache):
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step-00000010", "step-00000020"]  # no staging leftovers
     step20 = out / "checkpoints" / "step-00000020"
-    assert sorted(p.name for p in step20.glob("random_states_*")) == [
-        "random_states_0.pkl", "random_states_1.pkl",
-    ]  # fmt: skip
+    rng_files = sorted(p.name for p in step20.glob("random_states_*"))
+    assert rng_files == ["random_states_0.pkl", "random_states_1.pkl"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["images_seen"] for r in records] == [80, 160, 240, 320]  # global batch 16
 
 
 def test_dali_shards_are_disjoint_across_processes(tmp_path):
     write_images(tmp_path / "images", 24)  # whole global batches (padding is tested in test_data)
-    result = subprocess.run(
-        [*launcher(), str(REPO / "tests" / "scripts" / "shard_check.py"), str(tmp_path / "images")],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+    script = REPO / "tests" / "scripts" / "shard_check.py"
+    command = [*launcher(), str(script), str(tmp_path / "images")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "counts [12, 12]" in result.stdout  # the same number of steps on both
     assert "disjoint and complete" in result.stdout
@@ -73,15 +64,10 @@ def test_two_machines_on_loopback_train_together(tmp_path, faces_cache):
     out, port = tmp_path / "two-machines", free_port()
     args = small_run(out, faces_cache, "--max-steps", "10")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    trainer = [str(REPO / "launch" / "train.py"), *map(str, args)]
     machines = [
-        subprocess.Popen(
-            [*launcher(2, 2, rank, port), str(REPO / "launch" / "train.py"), *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-            env=env,
-        )  # fmt: skip
+        subprocess.Popen([*launcher(2, 2, rank, port), *trainer], cwd=REPO, env=env, **pipes)
         for rank in (0, 1)
     ]
     outputs = [m.communicate(timeout=300) for m in machines]
@@ -109,8 +95,13 @@ def test_resume_under_two_processes_matches_uninterrupted(tmp_path, faces_cache)
     again = run_train(*small_run(resumed, faces_cache, "--max-steps", "20"), launcher=launcher())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "steps 10 -> 20" in again.stdout
-    for name in ("generator.safetensors", "checkpoints/step-00000020/model.safetensors",
-                 "checkpoints/step-00000020/model_1.safetensors"):  # fmt: skip
+    step20 = "checkpoints/step-00000020"
+    names = (
+        "generator.safetensors",
+        f"{step20}/model.safetensors",
+        f"{step20}/model_1.safetensors",
+    )
+    for name in names:
         a, b = load_file(straight / name), load_file(resumed / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
@@ -129,8 +120,8 @@ def test_sigusr1_checkpoints_exits_cleanly_and_resumes(tmp_path, faces_cache):
     ]
     command = " ".join([*launcher(), str(REPO / "launch" / "train.py"), *args])
     # As launch/slurm/train.sbatch runs it: the launcher inherits an ignored SIGUSR1.
-    job = subprocess.Popen(["bash", "-c", f"trap '' USR1; exec {command}"], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    job = subprocess.Popen(["bash", "-c", f"trap '' USR1; exec {command}"], cwd=REPO, **pipes)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (
@@ -157,8 +148,9 @@ def test_sigusr1_checkpoints_exits_cleanly_and_resumes(tmp_path, faces_cache):
 
 def test_a_failing_process_ends_the_job_quickly(tmp_path, faces_cache):
     started = time.time()
-    result = run_train(*small_run(tmp_path / "fail", faces_cache, "--max-steps", "500"),
-                       launcher=launcher(), env={"DISTGAN_INJECT_FAULT": "1:5"}, timeout=120)  # fmt: skip
+    flags = small_run(tmp_path / "fail", faces_cache, "--max-steps", "500")
+    fault = {"DISTGAN_INJECT_FAULT": "1:5"}
+    result = run_train(*flags, launcher=launcher(), env=fault, timeout=120)
     assert result.returncode != 0
     assert time.time() - started < 60
     assert "error: process 1 failed: RuntimeError: injected fault at step 5" in result.stderr
@@ -173,6 +165,6 @@ def test_sync_bn_needs_cuda(tmp_path):
 
 
 def test_dist_timeout_is_validated():
-    result = subprocess.run([sys.executable, "launch/train.py", "--dist-timeout", "0"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
+    command = [sys.executable, "launch/train.py", "--dist-timeout", "0"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "dist_timeout=0 is not allowed" in result.stderr

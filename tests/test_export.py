@@ -1,6 +1,10 @@
 """Export: ONNX export of a trained generator (dynamo exporter, opset >= 18, dynamic batch, BN
-folded, metadata), its verification against PyTorch (fp32, fp16, uint8), torch-free generation
-(same seed, same images; grid, interpolation, truncation), and one-line errors for bad input."""
+folded, metadata), its verification against PyTorch (fp32, fp16, uint8; checked on the CPU
+provider, a GPU's TF32 figure reported apart), torch-free generation (same seed, same images;
+grid, interpolation, truncation), one-line errors for bad input, and, with CUDA faked on this
+GPU-less machine, that a CUDA provider which does not load is an error for `--device cuda` and
+is labelled as the CPU it fell back to everywhere else (generate, bench rows, evaluate); and that
+the bench's two sides do the same numpy-in, numpy-out work."""
 
 import json
 import subprocess
@@ -10,14 +14,27 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_module
 from PIL import Image
 
+import export.bench
+import export.onnx_export
+import export.runtime
 from distgan.checkpoint import save_generator
 from distgan.errors import UserError
 from distgan.models import Generator, ModelConfig
-from export.onnx_export import InferenceGenerator, export_onnx
-from export.runtime import FLOAT_OUTPUT, UINT8_OUTPUT, create_session, model_info, pick_providers
+from export.__main__ import main as export_main
+from export.bench import bench, ort_side, torch_side
+from export.generate import Runner, generate
+from export.onnx_export import InferenceGenerator, cuda_session, export_onnx
+from export.runtime import (
+    FLOAT_OUTPUT,
+    UINT8_OUTPUT,
+    create_session,
+    model_info,
+    pick_providers,
+    session_device,
+)
 
 
 def trained_like_generator(tmp_path, **config):
@@ -115,20 +132,17 @@ def test_uses_the_dynamo_exporter(monkeypatch, tmp_path):
 
 
 def run_generate(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "export", "generate", *map(str, args)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+    return run_module("export", "generate", *args, timeout=300)
 
 
 def test_generate_cli_is_reproducible_and_writes_extras(exported, tmp_path):
     _, _, paths = exported
-    first = run_generate("--model", paths["fp32"], "--num", 10, "--batch-size", 4, "--out-dir",
-                         tmp_path / "a", "--grid", tmp_path / "grid.png", "--seed", 7,
-                         "--interpolate", 5, "--truncation", 0.7)  # fmt: skip
+    fp32 = ["--model", paths["fp32"], "--batch-size", 4, "--out-dir", tmp_path / "a"]
+    uint8 = ["--model", paths["uint8"], "--batch-size", 3, "--out-dir", tmp_path / "b"]
+    same = ["--num", 10, "--seed", 7, "--truncation", 0.7]
+    first = run_generate(*fp32, *same, "--grid", tmp_path / "grid.png", "--interpolate", 5)
     assert first.returncode == 0, first.stderr
-    second = run_generate("--model", paths["uint8"], "--num", 10, "--batch-size", 3,
-                          "--out-dir", tmp_path / "b", "--seed", 7, "--truncation", 0.7)  # fmt: skip
+    second = run_generate(*uint8, *same)
     assert second.returncode == 0, second.stderr
     names = sorted(p.name for p in (tmp_path / "a").glob("0*.png"))
     assert names == [f"{i:06d}.png" for i in range(10)]
@@ -140,8 +154,8 @@ def test_generate_cli_is_reproducible_and_writes_extras(exported, tmp_path):
         "--model", paths["fp32"], "--num", 2, "--out-dir", tmp_path / "c", "--seed", 8
     )
     assert other.returncode == 0
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "c" / names[0])),
-                              np.asarray(Image.open(tmp_path / "a" / names[0])))  # fmt: skip
+    other_first = np.asarray(Image.open(tmp_path / "c" / names[0]))  # another seed
+    assert not np.array_equal(other_first, np.asarray(Image.open(tmp_path / "a" / names[0])))
     assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 3 * 34 + 2)  # 10 faces, 4 columns
     assert Image.open(tmp_path / "a" / "interpolation.png").size == (5 * 34 + 2, 36)
     assert Image.open(tmp_path / "a" / "interpolation.gif").n_frames == 2 * 5 - 2
@@ -178,14 +192,14 @@ def test_bad_inputs_give_one_line_errors(exported, tmp_path):
     _, _, paths = exported
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not a protobuf")
+    fp32, out = ["--model", paths["fp32"]], ["--out-dir", tmp_path / "o"]
     cases = [
-        (["--model", tmp_path / "missing.onnx", "--num", 1, "--out-dir", tmp_path / "o"], "does not exist"),
-        (["--model", garbage, "--num", 1, "--out-dir", tmp_path / "o"], "is not a usable ONNX model"),
-        (["--model", paths["fp32"], "--num", 0, "--out-dir", tmp_path / "o"], "--num 0 is not allowed"),
-        (["--model", paths["fp32"], "--num", 2, "--batch-size", 0, "--out-dir", tmp_path / "o"],
-         "--batch-size 0 is not allowed"),
-        (["--model", paths["fp32"], "--num", 2, "--out-dir", "/proc/distgan-out"], "cannot write to --out-dir"),
-    ]  # fmt: skip
+        (["--model", tmp_path / "missing.onnx", "--num", 1, *out], "does not exist"),
+        (["--model", garbage, "--num", 1, *out], "is not a usable ONNX model"),
+        ([*fp32, "--num", 0, *out], "--num 0 is not allowed"),
+        ([*fp32, "--num", 2, "--batch-size", 0, *out], "--batch-size 0 is not allowed"),
+        ([*fp32, "--num", 2, "--out-dir", "/proc/distgan-out"], "cannot write to --out-dir"),
+    ]
     for args, message in cases:
         result = run_generate(*args)
         assert result.returncode == 2, (args, result.stderr)
@@ -208,10 +222,7 @@ def test_model_without_metadata_needs_z_dim(exported, tmp_path):
 
 
 def test_export_cli_errors(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "export", "onnx", "--run", tmp_path, "--out", tmp_path / "g.onnx"],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+    result = run_module("export", "onnx", "--run", tmp_path, "--out", tmp_path / "g.onnx")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'generator.safetensors'} does not exist: pass a run folder or its "
@@ -221,13 +232,129 @@ def test_export_cli_errors(tmp_path):
 
 def test_export_cli_end_to_end(tmp_path):
     run, _ = trained_like_generator(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "export", "onnx", "--run", run, "--out", tmp_path / "g.onnx", "--uint8"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+    args = ["--run", run, "--out", tmp_path / "g.onnx", "--uint8"]
+    result = run_module("export", "onnx", *args, timeout=300)
     assert result.returncode == 0, result.stderr
     for batch in (1, 7, 64):
         assert f"batch {batch:3d}: max abs error vs PyTorch" in result.stdout
     meta = {p.key: p.value for p in onnx.load(tmp_path / "g.onnx").metadata_props}
     assert meta["output_format"] == UINT8_OUTPUT
     assert json.loads(meta["model_config"])["z_dim"] == 16
+
+
+def test_verify_checks_on_the_cpu_provider_and_reports_the_gpu_apart(tmp_path, monkeypatch):
+    """A GPU's CUDA provider runs TF32 convolutions (~1e-3 off): it must not fail the export."""
+    run, _ = trained_like_generator(tmp_path)
+    asked = []
+    real_create = export.runtime.create_session
+
+    def spy(path, device="auto", *args, **kwargs):
+        asked.append(device)
+        return real_create(path, device, *args, **kwargs)
+
+    class TF32Session:  # a CUDA session as a GPU runs it: the right images, 2e-3 off
+        def __init__(self, path, log):
+            self.session = real_create(path, "cpu")
+
+        def run(self, names, feeds):
+            return [self.session.run(names, feeds)[0] + 2e-3]
+
+    monkeypatch.setattr(export.onnx_export, "create_session", spy)
+    monkeypatch.setattr(export.onnx_export, "cuda_session", TF32Session)
+    logs = []
+    errors = export_onnx(run / "generator.safetensors", tmp_path / "g.onnx", log=logs.append)
+    assert asked == ["cpu"]  # the pass/fail check ran on the CPU provider
+    assert (tmp_path / "g.onnx").is_file()
+    assert max(errors[batch] for batch in (1, 7, 64)) <= 1e-4
+    assert sorted(errors["cuda"]) == [1, 7, 64]
+    assert all(1.5e-3 < e < 2.5e-3 for e in errors["cuda"].values())  # measured, not checked
+    assert all("; CUDA provider 2.0" in line and "not checked" in line for line in logs), logs
+
+
+def pretend_cuda(monkeypatch):
+    """What a GPU machine with a mismatched CUDA/cuDNN looks like to pick_providers: a driver
+    that sees a GPU, and onnxruntime listing its CUDA provider (which then cannot load)."""
+    if export.runtime.cuda_device_count():
+        pytest.skip("a real GPU is here: its CUDA provider may well load")
+    monkeypatch.setattr(export.runtime, "cuda_device_count", lambda: 1)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(export.runtime.ort, "get_available_providers", lambda: providers)
+    assert pick_providers("cuda")[0][0] == "CUDAExecutionProvider"
+
+
+def test_cuda_that_falls_back_is_an_error_for_cuda_and_labelled_for_auto(
+    exported, tmp_path, monkeypatch, capsys
+):
+    _, _, paths = exported
+    pretend_cuda(monkeypatch)
+    with pytest.raises(UserError, match="fell back to the CPU"):
+        create_session(paths["fp32"], "cuda")
+    args = ["generate", "--model", str(paths["fp32"]), "--num", "3", "--out-dir"]
+    with pytest.raises(SystemExit) as stopped:
+        export_main([*args, str(tmp_path / "cuda"), "--device", "cuda"])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CUDA was asked for but"), lines
+    assert "CUDA/cuDNN version mismatch" in lines[0] and "or use --device cpu" in lines[0]
+    assert not (tmp_path / "cuda").exists()  # it failed before any work
+
+    written = generate(paths["fp32"], 3, 2, tmp_path / "auto", device="auto")
+    assert [p.is_file() for p in written] == [True] * 3
+    assert capsys.readouterr().err.startswith("onnxruntime: CPUExecutionProvider\n")
+    assert session_device(create_session(paths["fp32"], "auto")) == "cpu"
+    logs = []
+    assert cuda_session(paths["fp32"], logs.append) is None  # no GPU figure from a CPU session
+    assert logs and "did not load" in logs[0]
+
+
+def test_a_cuda_provider_that_raises_is_not_blamed_on_the_model(exported, tmp_path, monkeypatch):
+    """Some onnxruntime builds raise instead of falling back when the CUDA provider fails."""
+    _, _, paths = exported
+    pretend_cuda(monkeypatch)
+    real_session = export.runtime.ort.InferenceSession
+
+    def cuda_raises(path, options, providers):
+        if providers[0] != "CPUExecutionProvider":
+            raise RuntimeError("CUDA failure 35: CUDA driver version is insufficient")
+        return real_session(path, options, providers=providers)
+
+    monkeypatch.setattr(export.runtime.ort, "InferenceSession", cuda_raises)
+    with pytest.raises(UserError, match="CUDA was asked for but onnxruntime"):
+        create_session(paths["fp32"], "cuda")
+    assert session_device(create_session(paths["fp32"], "auto")) == "cpu"
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf")
+    with pytest.raises(UserError, match="is not a usable ONNX model"):
+        create_session(garbage, "auto")
+
+
+def test_bench_sides_do_the_same_work_and_rows_name_what_ran(exported, monkeypatch, capsys):
+    run, generator, paths = exported
+    z = np.random.default_rng(3).standard_normal((3, 16), dtype=np.float32)
+    from_torch = torch_side(generator, z, torch.device("cpu"))()
+    from_ort = ort_side(Runner(create_session(paths["fp32"], "cpu")), z)()
+    assert isinstance(from_torch, np.ndarray) and from_torch.shape == (3, 3, 32, 32)
+    assert isinstance(from_ort, np.ndarray) and np.abs(from_torch - from_ort).max() <= 1e-4
+
+    pretend_cuda(monkeypatch)
+    monkeypatch.setattr(export.bench, "cuda_device_count", lambda: 1)  # bench adds a "cuda" pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rows = bench(paths["fp32"], run / "generator.safetensors", [2], repeats=1)
+    out, err = capsys.readouterr()
+    assert [row["device"] for row in rows] == ["cpu", "cpu"]  # the cuda pass fell back: says so
+    assert "numpy z in, numpy image out" in out
+    assert out.count("| cpu | 2 |") == 2 and "| cuda |" not in out
+    assert "rows below ran on the CPU" in err
+
+
+def test_evaluate_records_the_onnx_provider_that_ran(exported, monkeypatch, jpeg_folder, tmp_path):
+    from distgan.evaluate import OnnxGenerator, build_parser, evaluate  # others' failures stay here
+
+    _, _, paths = exported
+    data = ["--data-dir", str(jpeg_folder), "--cache-dir", str(tmp_path)]
+    scoring = ["--features", "pixels", "--num", "8", "--batch-size", "4"]
+    result = evaluate(build_parser().parse_args(["--onnx", str(paths["fp32"]), *data, *scoring]))
+    assert result["onnx_provider"] == "CPUExecutionProvider"
+    pretend_cuda(monkeypatch)  # evaluate asks for CUDA whenever torch sees a GPU
+    onnx_cuda = OnnxGenerator(paths["uint8"], torch.device("cuda"))
+    assert onnx_cuda.provider == "CPUExecutionProvider"  # what ran, not what was asked

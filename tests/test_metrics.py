@@ -7,14 +7,14 @@ real network when its weights are present); FID/KID during training and standalo
 
 import json
 import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import REPO, run_train, write_images
+from conftest import REPO, SMALL_GAN, run_module, run_train, write_images
 
 from distgan import metrics
 from distgan.data import find_images
@@ -90,8 +90,9 @@ def test_kid_matches_a_direct_computation():
         y = fake[choose.choice(250, 250, replace=False)].astype(np.float64)
         m = len(x)
         kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
-        mmds.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                    - 2 * kxy.mean())  # fmt: skip
+        within_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        within_y = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        mmds.append(within_x + within_y - 2 * kxy.mean())
     assert mean == pytest.approx(np.mean(mmds), rel=1e-5)
     assert std == pytest.approx(np.std(mmds), rel=1e-4)
     again = rng.standard_normal((300, 16)).astype(np.float32)  # the same distribution as `real`
@@ -115,6 +116,10 @@ class ImageBank(torch.nn.Module):
         return (batch + self.noise * noise).clamp(-1, 1)
 
 
+# real_stats' loading arguments for the test images: 32 px, on the CPU
+LOADING = dict(resolution=32, crop_box=None, batch_size=4, num_threads=1, device_id=None)
+
+
 def decoded(folder):
     from distgan.data import ImageLoader
 
@@ -130,13 +135,11 @@ def test_pipeline_fid_is_zero_for_the_real_set_and_grows_with_corruption(tmp_pat
     write_images(folder, 40)
     images, files = decoded(folder)
     extractor, dist = metrics.PixelFeatures(), metrics.SingleProcess()
-    real = metrics.real_stats(dist, extractor, files, resolution=32, crop_box=None, batch_size=4,
-                              num_threads=1, device_id=None)  # fmt: skip
+    real = metrics.real_stats(dist, extractor, files, **LOADING)
     assert real.count == 40 and real.features.shape == (40, 192)
-    fids = []
+    fids, sampling = [], dict(batch_size=8, seed=0, device=torch.device("cpu"))
     for noise in (0.0, 0.1, 0.3, 0.8):
-        fake = metrics.fake_stats(dist, extractor, ImageBank(images, noise), 40, batch_size=8, seed=0,
-                                  device=torch.device("cpu"))  # fmt: skip
+        fake = metrics.fake_stats(dist, extractor, ImageBank(images, noise), 40, **sampling)
         fids.append(metrics.fid(real, fake))
     assert abs(fids[0]) < 1e-5  # the same images: the same statistics (up to eigenvalue noise)
     assert fids == sorted(fids) and fids[-1] > 10 * fids[1] > 0
@@ -145,8 +148,7 @@ def test_pipeline_fid_is_zero_for_the_real_set_and_grows_with_corruption(tmp_pat
 def test_real_statistics_cache_round_trip_and_key(tmp_path):
     write_images(tmp_path / "images", 12)
     files = find_images(tmp_path / "images")
-    real = metrics.real_stats(metrics.SingleProcess(), metrics.PixelFeatures(), files, resolution=32,
-                              crop_box=None, batch_size=4, num_threads=1, device_id=None)  # fmt: skip
+    real = metrics.real_stats(metrics.SingleProcess(), metrics.PixelFeatures(), files, **LOADING)
     path = tmp_path / "cache" / "stats.npz"
     metrics.save_stats(path, real)
     loaded = metrics.load_stats(path)
@@ -154,11 +156,18 @@ def test_real_statistics_cache_round_trip_and_key(tmp_path):
     assert loaded.count == 12 and np.array_equal(loaded.features, real.features)
     path.write_bytes(b"corrupt")
     assert metrics.load_stats(path) is None  # recomputed, never trusted
-    key = metrics.real_stats_key(files, 32, None, 12, "x")
-    assert key == metrics.real_stats_key(files, 32, None, 12, "x")
-    others = [metrics.real_stats_key(files, 64, None, 12, "x"), metrics.real_stats_key(files, 32, [0, 0, 8, 8], 12, "x"),
-              metrics.real_stats_key(files, 32, None, 11, "x"), metrics.real_stats_key(files, 32, None, 12, "y"),
-              metrics.real_stats_key(files[1:], 32, None, 12, "x")]  # fmt: skip
+    x, y = (SimpleNamespace(name=name, numerics="cpu fp32") for name in "xy")
+    x_on_gpu = SimpleNamespace(name="x", numerics="cuda fp32, TF32 off")
+    key = metrics.real_stats_key(files, 32, None, 12, x)
+    assert key == metrics.real_stats_key(files, 32, None, 12, x)
+    others = [
+        metrics.real_stats_key(files, 64, None, 12, x),
+        metrics.real_stats_key(files, 32, [0, 0, 8, 8], 12, x),
+        metrics.real_stats_key(files, 32, None, 11, x),
+        metrics.real_stats_key(files, 32, None, 12, y),
+        metrics.real_stats_key(files[1:], 32, None, 12, x),
+        metrics.real_stats_key(files, 32, None, 12, x_on_gpu),  # another device or precision
+    ]
     assert key not in others and len(set(others)) == len(others)
     assert (
         metrics.real_files(files, 5) == metrics.real_files(files, 5)
@@ -172,12 +181,12 @@ def test_two_processes_give_the_one_process_numbers(tmp_path):
     script = str(REPO / "tests" / "scripts" / "metrics_check.py")
     results = []
     for processes in ("1", "2"):
-        launcher = ["accelerate", "launch", "--num_processes", processes, "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        fixed = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher = ["accelerate", "launch", "--num_processes", processes, *fixed]
         if processes == "2":
             launcher.insert(2, "--multi_gpu")
-        done = subprocess.run([*launcher, script, str(tmp_path / "images")], capture_output=True, text=True,
-                              cwd=REPO, timeout=300)  # fmt: skip
+        command = [*launcher, script, str(tmp_path / "images")]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     one, two = results
@@ -193,8 +202,11 @@ def test_inception_weights_are_checked(tmp_path, monkeypatch):
         raise OSError("no network here")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError, match=r"weights-inception-2015-12-05-6726825d.pth are not in .*hub/checkpoints "
-                       r"and could not be downloaded \(no network here\): put https://\S+ there, or pass --inception-weights PATH"):  # fmt: skip
+    expected = (
+        r"weights-inception-2015-12-05-6726825d.pth are not in .*hub/checkpoints and could not be "
+        r"downloaded \(no network here\): put https://\S+ there, or pass --inception-weights PATH"
+    )
+    with pytest.raises(UserError, match=expected):
         metrics.inception_weights()
     with pytest.raises(UserError, match="does not exist"):
         metrics.inception_weights(tmp_path / "nope.pth")
@@ -247,9 +259,9 @@ def test_real_inception_features(tmp_path):
 @pytest.mark.slow
 def test_training_logs_fid_and_keeps_the_best_generator(tmp_path, faces_cache):
     out = tmp_path / "run"
-    result = run_train("--out-dir", out, "--cache-dir", faces_cache, "--builtin-faces", "240", "--resolution", "32",
-                       "--g-channels", "16", "--d-channels", "16", "--batch-size", "8", "--log-every", "5",
-                       "--max-steps", "20", "--eval-every", "10", "--eval-num", "64", "--eval-features", "pixels")  # fmt: skip
+    data = ["--out-dir", out, "--cache-dir", faces_cache, "--builtin-faces", "240"]
+    evals = ["--eval-every", "10", "--eval-num", "64", "--eval-features", "pixels"]
+    result = run_train(*data, *SMALL_GAN, "--log-every", "5", "--max-steps", "20", *evals)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "fid" in r]
@@ -268,40 +280,19 @@ def test_training_logs_fid_and_keeps_the_best_generator(tmp_path, faces_cache):
 @pytest.mark.slow
 def test_standalone_evaluation_of_a_run_and_its_onnx_export(tmp_path, faces_cache):
     out = tmp_path / "run"
-    assert (
-        run_train(
-            "--out-dir",
-            out,
-            "--cache-dir",
-            faces_cache,
-            "--builtin-faces",
-            "240",
-            "--resolution",
-            "32",
-            "--g-channels",
-            "16",
-            "--d-channels",
-            "16",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "10",
-        ).returncode
-        == 0
-    )
+    data = ["--out-dir", out, "--cache-dir", faces_cache, "--builtin-faces", "240"]
+    assert run_train(*data, *SMALL_GAN, "--max-steps", "10").returncode == 0
     common = ["--features", "pixels", "--num", "100", "--cache-dir", str(faces_cache)]
-    run_eval = subprocess.run([sys.executable, "-m", "distgan.evaluate", "--run", str(out), *common],
-                              capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    run_eval = run_module("distgan.evaluate", "--run", out, *common, timeout=300)
     assert run_eval.returncode == 0, run_eval.stderr
     scored = json.loads(run_eval.stdout)
     assert scored["n_real"] == 240 and scored["n_fake"] == 100 and scored["fid"] > 0
     assert json.loads((out / "eval.jsonl").read_text().splitlines()[-1]) == scored
 
-    exported = subprocess.run([sys.executable, "-m", "export", "onnx", "--run", str(out), "--out", str(tmp_path / "g.onnx"),
-                               "--uint8"], capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    model = tmp_path / "g.onnx"
+    exported = run_module("export", "onnx", "--run", out, "--out", model, "--uint8", timeout=300)
     assert exported.returncode == 0, exported.stderr
-    onnx_eval = subprocess.run([sys.executable, "-m", "distgan.evaluate", "--onnx", str(tmp_path / "g.onnx"), *common],
-                               capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    onnx_eval = run_module("distgan.evaluate", "--onnx", model, *common, timeout=300)
     assert onnx_eval.returncode == 0, onnx_eval.stderr
     both = json.loads(onnx_eval.stdout)
     assert both["torch_fid"] == pytest.approx(scored["fid"], rel=1e-9)  # same z, same generator

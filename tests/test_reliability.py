@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_train, small_run, write_images
+from conftest import REPO, run_module, run_train, small_run, write_images
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -44,23 +44,25 @@ def bad_folder(root: Path) -> tuple[Path, dict[str, str]]:
     (folder / "text.jpg").write_bytes(b"this is not a JPEG")
     (folder / "empty.png").write_bytes(b"")
     Image.fromarray(pixels[:8, :8]).save(folder / "tiny.jpg")
-    expected = {"truncated.jpg": "corrupt", "text.jpg": "not an image", "empty.png": "empty file",
-                "tiny.jpg": "smaller than the crop box"}  # fmt: skip
+    expected = {
+        "truncated.jpg": "corrupt",
+        "text.jpg": "not an image",
+        "empty.png": "empty file",
+        "tiny.jpg": "smaller than the crop box",
+    }
     return folder, expected
 
 
 def test_scan_lists_exactly_the_bad_files(tmp_path):
     folder, expected = bad_folder(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "distgan.data", "scan", str(folder), "--crop-box", "0", "0", "32", "32"],
-                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    result = run_module("distgan.data", "scan", folder, "--crop-box", "0", "0", "32", "32")
     assert result.returncode == 1
     listed = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
     assert {Path(p).name for p in listed} == set(expected)
     for path, reason in listed.items():
         assert expected[Path(path).name] in reason
     assert "20 images, 4 bad" in result.stderr
-    clean = subprocess.run([sys.executable, "-m", "distgan.data", "scan", str(folder / "part0")],
-                           capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    clean = run_module("distgan.data", "scan", folder / "part0")
     assert clean.returncode == 0 and "10 images, 0 bad" in clean.stderr
 
 
@@ -87,8 +89,10 @@ def test_scan_results_are_cached_and_rechecked_when_files_change(tmp_path):
     assert str(folder / "truncated.jpg") not in scan_images(files, [0, 0, 32, 32], cache_path=cache)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
-                    reason="needs root and setpriv: the scan runs without root's permission override")  # fmt: skip
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"),
+    reason="needs root and setpriv: the scan runs without root's permission override",
+)
 def test_unreadable_files_are_listed(tmp_path):
     folder = tmp_path / "perm"
     write_images(folder, 3)
@@ -96,9 +100,9 @@ def test_unreadable_files_are_listed(tmp_path):
     os.chmod(locked, 0)
     # Root reads every file; without CAP_DAC_OVERRIDE/READ_SEARCH it meets permissions like a user.
     drop = "-dac_override,-dac_read_search"
-    result = subprocess.run(["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}",
-                             sys.executable, "-m", "distgan.data", "scan", str(folder)],
-                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    setpriv = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
+    command = [*setpriv, sys.executable, "-m", "distgan.data", "scan", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1, result.stderr
     assert result.stdout.strip() == f"{locked}: unreadable: permission denied"
 
@@ -106,9 +110,9 @@ def test_unreadable_files_are_listed(tmp_path):
 @pytest.mark.slow
 def test_trainer_stops_on_bad_images_or_skips_them(tmp_path):
     folder, expected = bad_folder(tmp_path)
-    common = ["--data-dir", folder, "--resolution", "32", "--g-channels", "8", "--d-channels", "8",
-              "--batch-size", "4", "--crop-box", "0", "0", "32", "32", "--max-steps", "4",
-              "--cache-dir", tmp_path / "cache"]  # fmt: skip
+    model = ["--resolution", "32", "--g-channels", "8", "--d-channels", "8", "--batch-size", "4"]
+    short = ["--crop-box", "0", "0", "32", "32", "--max-steps", "4"]
+    common = ["--data-dir", folder, *model, *short, "--cache-dir", tmp_path / "cache"]
     stopped = run_train(*common, "--out-dir", tmp_path / "stop")
     assert stopped.returncode == 2
     line = stopped.stderr.strip().splitlines()[-1]
@@ -266,8 +270,8 @@ def test_a_few_nonfinite_steps_are_skipped_and_logged(tmp_path, faces_cache):
 @pytest.mark.slow
 def test_a_long_nonfinite_streak_rolls_back_with_lower_learning_rates(tmp_path, faces_cache):
     out = tmp_path / "rollback"
-    result = run_train(*small_run(out, faces_cache, "--max-steps", "60", "--nonfinite-limit", "8"),
-                       env={"DISTGAN_INJECT_NAN": "22:12"})  # fmt: skip
+    flags = small_run(out, faces_cache, "--max-steps", "60", "--nonfinite-limit", "8")
+    result = run_train(*flags, env={"DISTGAN_INJECT_NAN": "22:12"})
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     position = next(i for i, r in enumerate(records) if r.get("event") == "rollback")
@@ -286,8 +290,8 @@ def test_a_long_nonfinite_streak_rolls_back_with_lower_learning_rates(tmp_path, 
 @pytest.mark.slow
 def test_a_long_nonfinite_streak_can_stop_the_run(tmp_path, faces_cache):
     out = tmp_path / "stop"
-    result = run_train(*small_run(out, faces_cache, "--max-steps", "60", "--nonfinite-limit", "8",
-                                  "--on-nonfinite", "stop"), env={"DISTGAN_INJECT_NAN": "22:20"})  # fmt: skip
+    streak = ["--max-steps", "60", "--nonfinite-limit", "8", "--on-nonfinite", "stop"]
+    result = run_train(*small_run(out, faces_cache, *streak), env={"DISTGAN_INJECT_NAN": "22:20"})
     assert result.returncode == 3
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: training stopped: ") and "consecutive non-finite steps" in line
@@ -345,8 +349,8 @@ def test_wrong_latent_size_for_an_onnx_model_is_a_clear_error(tmp_path):
         images_seen=1,
     )
     export_onnx(tmp_path / "generator.safetensors", tmp_path / "g.onnx", log=lambda _: None)
-    result = subprocess.run([sys.executable, "-m", "export", "generate", "--model", str(tmp_path / "g.onnx"), "--num", "2",
-                             "--out-dir", str(tmp_path / "out"), "--z-dim", "32"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    flags = ["--model", tmp_path / "g.onnx", "--num", "2", "--out-dir", tmp_path / "out"]
+    result = run_module("export", "generate", *flags, "--z-dim", "32")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --z-dim 32 does not match the model's input [batch, 16]"

@@ -1,6 +1,7 @@
 """The trainer end to end, run as a user runs it (`python launch/train.py`; several processes are
 in test_distributed.py): the files a run writes, resume equal to an uninterrupted run, bf16
-autocast on CPU, every loss, and clear errors for bad input."""
+autocast on CPU, every loss, and clear errors for bad input; the precision `auto` picks on each
+kind of GPU, and the deterministic-kernels switch."""
 
 import json
 
@@ -10,6 +11,7 @@ from conftest import image_array, run_train, small_run
 from safetensors.torch import load_file
 
 from distgan.checkpoint import list_checkpoints, load_generator
+from distgan.train import configure_kernels, resolve_mixed_precision
 
 pytestmark = pytest.mark.slow
 
@@ -142,8 +144,8 @@ def test_decoded_cache_and_streaming_train_the_same_weights(tmp_path, faces_cach
     result = run_train(*small_run(cached, faces_cache, "--max-steps", "10"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "decoded-image cache: 240 images" in result.stdout
-    result = run_train(*small_run(streamed, faces_cache, "--max-steps", "10",
-                                  "--decoded-cache", "off"))  # fmt: skip
+    streaming = ("--max-steps", "10", "--decoded-cache", "off")
+    result = run_train(*small_run(streamed, faces_cache, *streaming))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "decoded-image cache" not in result.stdout
     a, b = (
@@ -168,3 +170,97 @@ def test_layouts_and_compile_train(tmp_path, faces_cache):
         assert abs(a["loss_d"] - b["loss_d"]) < 0.1 * abs(a["loss_d"]) + 0.05
     generator, _ = load_generator(out)
     assert all(torch.isfinite(p).all() for p in generator.state_dict().values())
+
+
+@pytest.mark.parametrize(
+    "native_bf16, capability, expected",
+    [
+        (True, (9, 0), "bf16"),
+        (False, (7, 0), "fp16"),
+        (False, (7, 5), "fp16"),
+        (False, (6, 1), "no"),
+    ],
+)
+def test_auto_precision_on_each_kind_of_gpu(monkeypatch, native_bf16, capability, expected):
+    # H100/A100: bf16; V100/T4 emulate bf16 slowly, so fp16 with loss scaling; P100: fp32.
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: native_bf16 or including_emulation,
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_mixed_precision("auto") == expected
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert resolve_mixed_precision("auto") == "fp16"  # the launcher's explicit choice
+
+
+def test_deterministic_kernels_switch():
+    try:
+        configure_kernels(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    finally:
+        configure_kernels(False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+def tiny_gan():
+    """A CPU fp32 GAN as the trainer builds it, and one batch of real images."""
+    from bench.training import fresh_accelerator
+    from distgan.config import TrainConfig
+    from distgan.models import ModelConfig
+    from distgan.train import build_gan
+
+    accelerator = fresh_accelerator("no", torch.device("cpu"))
+    tc = TrainConfig(batch_size=4, channels_last=False)
+    gan = build_gan(accelerator, ModelConfig(resolution=32, g_channels=8, d_channels=8), tc)
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    return accelerator, tc, gan, real
+
+
+def snapshot(*tensors) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def unchanged(now, before) -> list[bool]:
+    """Per tensor: bitwise equal to its snapshot."""
+    now = list(now)
+    assert len(now) == len(before)
+    return [torch.equal(a, b) for a, b in zip(now, before, strict=True)]
+
+
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values()]
+
+
+def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state():
+    from distgan.train import gan_step
+
+    accelerator, tc, gan, real = tiny_gan()
+    gan_step(accelerator, tc, gan, real, step=0)  # Adam's moments exist from here on
+    weights = [*gan.generator.parameters(), *gan.discriminator.parameters()]
+    before = snapshot(*weights, *optimizer_tensors(gan.opt_g), *optimizer_tensors(gan.opt_d))
+    out = gan_step(accelerator, tc, gan, real, step=1, poison=float("nan"))
+    assert out.skipped.item() == 1.0 and not torch.isfinite(out.loss_d)
+    after = [*weights, *optimizer_tensors(gan.opt_g), *optimizer_tensors(gan.opt_d)]
+    assert all(unchanged(after, before))
+    assert gan_step(accelerator, tc, gan, real, step=2).skipped.item() == 0.0
+    assert not all(unchanged(weights, before[: len(weights)]))  # a good step moves them
+
+
+def test_d_collects_gradients_only_in_its_own_step_and_the_ema_moves():
+    from distgan.train import gan_step
+
+    accelerator, tc, gan, real = tiny_gan()
+    accumulated = []
+    for param in gan.discriminator.parameters():
+        param.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
+    ema_before = snapshot(*gan.ema.module.parameters())
+    gan_step(accelerator, tc, gan, real, step=0)
+    # One backward of D's loss fills each parameter once; the G step, with D frozen, adds none.
+    assert len(accumulated) == len(list(gan.discriminator.parameters()))
+    assert not all(unchanged(gan.ema.module.parameters(), ema_before))  # it moved
+    live = list(gan.generator_core.parameters())
+    assert not all(unchanged(gan.ema.module.parameters(), live))  # towards G, not onto it

@@ -59,10 +59,8 @@ def site(tmp_path):
     for name in ("index.html", "app.js", "node_modules"):
         os.symlink(WEB / name, root / name)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.extensions_map = {
-        **http.server.SimpleHTTPRequestHandler.extensions_map,
-        ".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript",
-    }  # fmt: skip
+    types = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript"}
+    handler.extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **types}
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -75,9 +73,10 @@ def browser(tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium look for drivers online
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+    headless = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    quiet = ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    fresh = ["--no-first-run", "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}"]
+    for arg in [*headless, *quiet, *fresh]:
         options.add_argument(arg)
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     driver = webdriver.Chrome(options=options, service=service)

@@ -22,12 +22,12 @@ def main(folder: str) -> None:
             if isinstance(module, torch.nn.ConvTranspose2d):
                 module.weight.mul_(8)
     extractor = metrics.PixelFeatures()
-    real = metrics.real_stats(accelerator, extractor, find_images(folder), resolution=32,
-                              crop_box=None, batch_size=4, num_threads=1, device_id=None)  # fmt: skip
-    fake = metrics.fake_stats(accelerator, extractor, generator, 50, batch_size=8, seed=3,
-                              device=torch.device("cpu"))  # fmt: skip
-    result = {**metrics.scores(real, fake), "n_real": real.count, "n_fake": fake.count,
-              "real_mu_sum": float(real.mu.sum())}  # fmt: skip
+    loading = dict(resolution=32, crop_box=None, batch_size=4, num_threads=1, device_id=None)
+    real = metrics.real_stats(accelerator, extractor, find_images(folder), **loading)
+    sampling = dict(batch_size=8, seed=3, device=torch.device("cpu"))
+    fake = metrics.fake_stats(accelerator, extractor, generator, 50, **sampling)
+    counts = {"n_real": real.count, "n_fake": fake.count, "real_mu_sum": float(real.mu.sum())}
+    result = {**metrics.scores(real, fake), **counts}
     if accelerator.is_main_process:
         print(json.dumps(result))
 

@@ -17,10 +17,8 @@ from distgan.data import ImageLoader, find_images  # noqa: E402
 def main(folder: str) -> None:
     accelerator = Accelerator(cpu=True)
     files = find_images(folder)
-    loader = ImageLoader(
-        files, resolution=32, batch_size=4, shard_id=accelerator.process_index,
-        num_shards=accelerator.num_processes, seed=0, flip=False,
-    )  # fmt: skip
+    shard = dict(shard_id=accelerator.process_index, num_shards=accelerator.num_processes)
+    loader = ImageLoader(files, resolution=32, batch_size=4, seed=0, flip=False, **shard)
     seen = []
     for batch in loader.epoch(0):
         centre = ((batch[:, :, 16, 16] + 1) * 127.5).tolist()
