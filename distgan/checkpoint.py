@@ -59,6 +59,9 @@ class TrainerState:
     global_batch: int | None = None
     """Images per step over all processes (None in checkpoints that predate it)."""
 
+    precision: str | None = None
+    """The mixed precision it trains in, as resolved (None in checkpoints that predate it)."""
+
     lr_scale: float = 1.0
     """Factor on both learning rates, lowered by each rollback after non-finite steps."""
 

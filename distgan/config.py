@@ -176,7 +176,8 @@ class TrainConfig:
     """Decay of the exponential moving average of G's weights, used for samples and export."""
 
     log_every: int = 10
-    """Steps between lines of metrics.jsonl (and the only steps that sync with the device)."""
+    """Steps between lines of metrics.jsonl. The processes agree (one small collective, the
+    loop's only sync with the device) at least every 10 steps and at every log step."""
 
     sample_every: int = 100
     """Steps between sample grids in samples/."""
@@ -440,15 +441,11 @@ def resume_config(saved: Config, requested: Config) -> tuple[Config, dict[str, t
             "which cannot change when it resumes: drop those flags to resume it, or train anew "
             "in a new --out-dir (--resume none refuses to overwrite this one)"
         )
-    merged = {
-        key: new[key] if key in changes or key in NOT_COMPARED_ON_RESUME else value
-        for key, value in old.items()
-    }
-    sections = {
-        name: cls(**{f.name: merged[f.name] for f in dataclasses.fields(cls)})
-        for name, cls in SECTIONS.items()
-    }
-    return Config(**sections, given=requested.given), changes
+    kept = changes.keys() | NOT_COMPARED_ON_RESUME
+    merged = {key: new[key] if key in kept else value for key, value in old.items()}
+    unset = {key for key, value in merged.items() if value is None}  # the defaults
+    config = make_config(**{key: merged[key] for key in merged.keys() - unset})
+    return dataclasses.replace(config, given=requested.given), changes
 
 
 def _check_types(section: str, values: dict, cls: type) -> None:

@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from distgan.env import available_cpus, available_memory, local_processes
 from distgan.errors import UserError, first_line
 from distgan.faces import builtin_faces_dir, default_cache_dir, ensure_builtin_faces, render_size
-from distgan.files import write_json_atomically
+from distgan.files import write_json_atomically, write_text_atomically
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SCAN_VERSION = 1
@@ -176,7 +176,8 @@ def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Pat
         return Path(data_dir), files
     listing = out_dir / BAD_IMAGES_FILE
     if accelerator.is_main_process:
-        listing.write_text("".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items())))
+        lines = "".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items()))
+        write_text_atomically(listing, lines)
     first = "; ".join(f"{Path(p).name}: {r}" for p, r in sorted(bad.items())[:3])
     summary = f"{len(bad)} of {len(files)} images in {data_dir} cannot be used ({first}"
     summary += ", ...)" if len(bad) > 3 else ")"
@@ -228,12 +229,12 @@ def dali_device_id(device: torch.device) -> int | None:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-def processes_sharing(device: torch.device, local_processes: int) -> int:
+def processes_sharing(device: torch.device, processes_here: int) -> int:
     """How many of this machine's processes hold a cache on `device`: all of them in host
     memory, and on a GPU only those placed on the same GPU (normally each process has its own)."""
     if device.type != "cuda":
-        return local_processes
-    return max(1, math.ceil(local_processes / max(1, torch.cuda.device_count())))
+        return processes_here
+    return max(1, math.ceil(processes_here / max(1, torch.cuda.device_count())))
 
 
 def memory_for_cache(device: torch.device) -> int:
@@ -318,9 +319,9 @@ class ImageLoader:
         """DALI: read `files` (shard `shard` = (id, count)), decode, crop, resize, flip by `flips`
         and normalise to float; without `flips`, no flip and uint8 out (for the cache)."""
         batch_size = self.batch_size
-        threads = {"num_threads": self.num_threads, "device_id": self.device_id}
+        placement = {"num_threads": self.num_threads, "device_id": self.device_id}
 
-        @pipeline_def(batch_size=batch_size, seed=seed, **threads)
+        @pipeline_def(batch_size=batch_size, seed=seed, **placement)
         def image_pipeline():
             # Plain reads, not mmap: +15% on small JPEGs here, and what network file systems want.
             reading = {"random_shuffle": False, "dont_use_mmap": True, "name": "Reader"}

@@ -25,7 +25,8 @@ DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
 # The oldest Linux driver each CUDA major runs on (NVIDIA's CUDA compatibility table).
 MIN_DRIVER = {"12": 525, "13": 580}
 DALI_PREFIX = "nvidia-dali-cuda"
-GPU_ENV_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS")
+GPU_COUNT_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS")
+GPU_ENV_VARS = (*GPU_COUNT_VARS, "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
 CUDA12_INSTALL = "README.md, 'CUDA 12 clusters'"
 
 
@@ -38,8 +39,8 @@ def _cgroup_dirs(controller: str, root: Path, proc_cgroup: Path) -> list[Path]:
         return []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controllers.split(",") == [controller] or (controller == "" and controllers == ""):
-            base = root / controller if controller else root
+        if (controller in controllers.split(",")) if controller else controllers == "":
+            base = root / controllers if controller else root  # v1: e.g. cpu,cpuacct/
             parts = Path(path.lstrip("/")).parts
             found = [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
             return [d for d in found if d.is_dir()]
@@ -109,12 +110,11 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) 
             continue
         if quota != "max":
             limits.append(math.ceil(int(quota) / int(period)))
-    for name in ("cpu", "cpu,cpuacct"):
-        for folder in _cgroup_dirs(name, root, proc_cgroup):
-            quota = _read_int(folder / "cpu.cfs_quota_us")
-            period = _read_int(folder / "cpu.cfs_period_us")
-            if quota and quota > 0 and period:
-                limits.append(math.ceil(quota / period))
+    for folder in _cgroup_dirs("cpu", root, proc_cgroup):
+        quota = _read_int(folder / "cpu.cfs_quota_us")
+        period = _read_int(folder / "cpu.cfs_period_us")
+        if quota and quota > 0 and period:
+            limits.append(math.ceil(quota / period))
     return min(limits) if limits else None
 
 
@@ -135,15 +135,18 @@ def local_processes() -> int:
 
 
 def visible_gpus(environ: Mapping[str, str] = os.environ, dev: Path = Path("/dev")) -> str | None:
-    """What says that NVIDIA GPUs are meant for this job (an environment variable, or device
-    files), or None. CUDA_VISIBLE_DEVICES set to "" or -1 hides them on purpose."""
+    """What says that NVIDIA GPUs are meant for this job, or None. CUDA_VISIBLE_DEVICES set to ""
+    or -1 hides them on purpose; inside a SLURM job, its allocation decides (a CPU job on a GPU
+    node still sees the device files); elsewhere, the device files."""
     hidden = environ.get("CUDA_VISIBLE_DEVICES")
     if hidden is not None:
         return None if hidden.strip() in ("", "-1") else f"CUDA_VISIBLE_DEVICES={hidden}"
-    for name in GPU_ENV_VARS:
-        value = environ.get(name, "").strip()
-        if value and value != "0":
-            return f"{name}={value}"
+    if "SLURM_JOB_ID" in environ:
+        for name in GPU_ENV_VARS:  # counts ("0": none) first, then lists of GPU indices
+            value = environ.get(name, "").strip()
+            if value and not (name in GPU_COUNT_VARS and value == "0"):
+                return f"{name}={value}"
+        return None
     devices = sorted(str(p) for p in dev.glob("nvidia[0-9]*"))
     return ", ".join(devices) if devices else None
 
@@ -254,7 +257,7 @@ def report() -> tuple[list[str], list[str]]:
     ]
     for index in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(index)
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        bf16 = major >= 8  # Ampere and later compute bf16 natively
         lines.append(
             f"  cuda:{index} {torch.cuda.get_device_name(index)}, compute capability "
             f"{major}.{minor}, native bf16: {bf16}"

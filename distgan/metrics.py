@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -111,6 +112,21 @@ def inception_weights(path: str | os.PathLike | None = None) -> Path:
     return target
 
 
+@contextmanager
+def full_fp32():
+    """Matmuls and convolutions in IEEE fp32, not TF32, then the settings as they were (torch's
+    fp32_precision API only: reading the legacy allow_tf32 flags after it is an error)."""
+    knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [knob.fp32_precision for knob in knobs]
+    for knob in knobs:
+        knob.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for knob, value in zip(knobs, before, strict=True):
+            knob.fp32_precision = value
+
+
 class InceptionFeatures:
     """The 2048-d pool features of the FID Inception-v3, via torch-fidelity."""
 
@@ -129,14 +145,8 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        # Full fp32 on every GPU: TF32 (on by default for cuDNN convolutions) would shift FID.
-        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-                return self.model(images.to(self.device))[0].double()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        with full_fp32():  # TF32 (on by default for cuDNN convolutions) would shift FID
+            return self.model(images.to(self.device))[0].double()
 
 
 class PixelFeatures:

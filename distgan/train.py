@@ -1,5 +1,5 @@
-"""The training loop: one function, top to bottom. Accelerate supplies the processes, DDP and
-mixed precision; DALI the data; everything written to disk is written by the main process.
+"""The trainer: set-up, then one loop that reads top to bottom. Accelerate supplies the processes,
+DDP and mixed precision; DALI the data; everything written to disk is written by the main process.
 
 The loop runs the hot path (a batch, `gan_step`, counters) and then one gate: most steps go
 straight on. At a gate step all processes agree, in one collective, on what the logged numbers
@@ -9,7 +9,6 @@ maintenance (metrics, evaluation, samples, checkpoints) decides its own timing.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -23,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from distgan import metrics
@@ -46,12 +45,9 @@ from distgan.files import write_json_atomically
 from distgan.losses import d_loss, g_loss, gradient_penalty
 from distgan.models import Discriminator, Generator, ModelConfig
 from distgan.report import append_jsonl, plot_losses, save_grid
+from distgan.signals import STOP_SIGNALS, die_with_parent, ignored
 
-# Every way a user or a scheduler asks a run to end: SLURM's warning before the time limit,
-# preemption or a launcher stopping its workers, Ctrl-C, a closed terminal.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PARENT_DEATH_SIGNAL = signal.SIGUSR1
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 AGREE_EVERY = 10  # steps between the collectives that agree on stopping (at most)
 PREEMPTED_MARKER = "preempted.json"
 CHANGES_FILE = "changes.jsonl"  # settings changed on resume, with the step they took effect
@@ -120,15 +116,43 @@ def find_resume_point(resume: str, checkpoints_root: Path) -> Path | None:
     return Path(resume)
 
 
-def config_for_resume(cfg: Config, checkpoint: Path) -> tuple[Config, dict[str, tuple]]:
-    """The config a resumed run goes on with, and what the user changed in it: the run's own
-    config.toml with the changes that can apply; the model always from the checkpoint."""
-    saved_toml = Path(cfg.train.out_dir) / "config.toml"
-    changes = {}
+def config_for_resume(cfg: Config, checkpoint: Path) -> tuple[Config, dict[str, tuple], str]:
+    """The config a resumed run goes on with, what the user changed in it, and a note to print:
+    the config.toml of the checkpoint's run with the changes that can apply; the model always
+    from the checkpoint."""
+    saved_toml = checkpoint.parent.parent / "config.toml"
+    changes, note = {}, ""
     if saved_toml.is_file():
         cfg, changes = resume_config(make_config(load_toml(saved_toml)), cfg)
     model = read_trainer_state(checkpoint).model
-    return Config(model=model, data=cfg.data, train=cfg.train, given=cfg.given), changes
+    if not saved_toml.is_file() and model != cfg.model:
+        note = f"note: resuming {checkpoint} (its run has no config.toml): the model comes from it"
+    return Config(model=model, data=cfg.data, train=cfg.train, given=cfg.given), changes, note
+
+
+def resume(accelerator, checkpoint: Path, gan: GAN, tc: TrainConfig, changes) -> TrainerState:
+    """Load the checkpoint into G, D, the optimizers, the EMA and the RNG, once it is sure to go
+    on as it was trained: the same precision and global batch (the data position counts steps)."""
+    saved = read_trainer_state(checkpoint)
+    precision = accelerator.mixed_precision
+    global_batch = tc.batch_size * accelerator.num_processes
+    if saved.precision not in (None, precision):
+        raise UserError(
+            f"{checkpoint} was trained in {saved.precision}, and this run would use {precision}: "
+            f"pass --mixed-precision {saved.precision} to resume it"
+        )
+    if saved.global_batch not in (None, global_batch):
+        raise UserError(
+            f"{checkpoint} was trained with a global batch of {saved.global_batch} images, and "
+            f"this run has {global_batch} ({tc.batch_size} x {accelerator.num_processes} "
+            "processes): resume it with as many processes as before"
+        )
+    state = load_checkpoint(accelerator, checkpoint, gan.ema)  # RNG states included
+    gan.set_learning_rates(tc, state.lr_scale)
+    if changes.keys() & {"eval_features", "eval_real_num"}:  # FIDs now measured another way
+        state.best_fid = state.best_step = None
+    state.precision, state.global_batch = precision, global_batch
+    return state
 
 
 def launched() -> bool:
@@ -149,14 +173,16 @@ class StopRequest:
 
     def install(self, under_launcher: bool) -> None:
         for stop_signal in STOP_SIGNALS:
-            if stop_signal == signal.SIGHUP and signal.getsignal(stop_signal) == signal.SIG_IGN:
-                continue  # started under nohup: a closed terminal is meant to change nothing
-            signal.signal(stop_signal, self._received)
-        if under_launcher and sys.platform == "linux":
+            if not (stop_signal == signal.SIGHUP and ignored(stop_signal)):  # nohup
+                signal.signal(stop_signal, self._received)
+        if under_launcher:
             # The kernel signals us when the launcher dies, even by SIGKILL: stop, never orphan.
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
-            if os.getppid() != self.parent:  # it died before the request took effect
+            die_with_parent(PARENT_DEATH_SIGNAL)
+            if self._orphaned():  # it died before the request took effect
                 self.reason = "the launcher's exit"
+
+    def _orphaned(self) -> bool:
+        return os.getppid() != self.parent or self.parent == 1
 
     def write_marker(self, step: int, stopped_by: str) -> None:
         marker = {"step": step, "signal": stopped_by, "checkpoint": f"step-{step:08d}"}
@@ -166,7 +192,7 @@ class StopRequest:
         if signum == signal.SIGINT and self.reason is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if self.reason is None:
-            orphaned = signum == PARENT_DEATH_SIGNAL and os.getppid() != self.parent
+            orphaned = signum == PARENT_DEATH_SIGNAL and self._orphaned()
             self.reason = "the launcher's exit" if orphaned else signal.Signals(signum).name
 
 
@@ -405,9 +431,9 @@ def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0
         loss_d = loss_d + tc.gp_weight * penalty
     gan.opt_d.zero_grad(set_to_none=True)
     accelerator.backward(loss_d)
-    bad_d = nonfinite(discriminator)
-    if accelerator.scaler is None:  # fp16's GradScaler does its own skipping
-        gan.opt_d.optimizer.found_inf = bad_d
+    scaled = accelerator.scaler is not None  # fp16: the GradScaler skips overflowing steps
+    if not scaled:
+        bad_d = gan.opt_d.optimizer.found_inf = nonfinite(discriminator)
     gan.opt_d.step()
 
     # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
@@ -415,17 +441,24 @@ def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0
     loss_g = g_loss(tc.loss, discriminator(fake)) * poison
     gan.opt_g.zero_grad(set_to_none=True)
     accelerator.backward(loss_g)
-    bad_g = nonfinite(generator)
-    if accelerator.scaler is None:
-        gan.opt_g.optimizer.found_inf = bad_g
+    if not scaled:
+        bad_g = gan.opt_g.optimizer.found_inf = nonfinite(generator)
     gan.opt_g.step()
     gan.ema.update(gan.generator_core, step)
-    return StepResult(loss_d, loss_g, real_logits, fake_logits, torch.maximum(bad_d, bad_g))
+    # Under fp16 the scaler's overflow skips are routine (it finds its scale that way): only
+    # non-finite losses count as skipped steps towards a rollback.
+    if scaled:
+        losses = torch.stack([loss_d.detach(), loss_g.detach()])
+        skipped = (~torch.isfinite(losses)).any().float()
+    else:
+        skipped = torch.maximum(bad_d, bad_g)
+    return StepResult(loss_d, loss_g, real_logits, fake_logits, skipped)
 
 
 @dataclass(kw_only=True)
 class Run:
-    """What the maintenance below the loop's gate works with; fixed for the whole run."""
+    """What the maintenance below the loop's gate works with, built once before the loop (the
+    FID extractor and real statistics only with --eval-every)."""
 
     accelerator: Accelerator
     cfg: Config
@@ -449,11 +482,13 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def write(self, line: str) -> None:
+    def say(self, line: str) -> None:
+        """A line on the terminal (above the progress bar), from the main process."""
         if self.is_main:
             self.progress.write(line)
 
-    def record(self, values: dict) -> None:
+    def log_metrics(self, values: dict) -> None:
+        """A line of metrics.jsonl, from the main process."""
         if self.is_main:
             append_jsonl(self.metrics_path, values)
 
@@ -472,7 +507,7 @@ def log_step(run: Run, state, verdict: Agreement, speed: Throughput, watch: Nonf
         return
     watch.window_done()
     images_per_sec = speed.images_per_sec(state.step)
-    run.record(
+    run.log_metrics(
         {
             "step": state.step,
             "epoch": round(state.step / run.loader.steps_per_epoch, 4),
@@ -492,7 +527,7 @@ def log_step(run: Run, state, verdict: Agreement, speed: Throughput, watch: Nonf
     run.progress.set_postfix(**losses, img_s=f"{images_per_sec:.0f}")
     if verdict.skipped_steps:
         what = f"{verdict.skipped_steps} step(s) with non-finite losses or gradients"
-        run.write(f"step {state.step}: skipped {what}")
+        run.say(f"step {state.step}: skipped {what}")
 
 
 def rollback_or_stop(run: Run, state: TrainerState, verdict: Agreement, watch: NonfiniteWatch):
@@ -503,20 +538,23 @@ def rollback_or_stop(run: Run, state: TrainerState, verdict: Agreement, watch: N
     why = divergence(verdict, state.step, tc.nonfinite_limit)
     if why is None:
         return None
-    good = list_checkpoints(run.checkpoints)
+    # The main process's view of the folder decides for all: file systems may lag elsewhere.
+    newest = [str(path) for path in list_checkpoints(run.checkpoints)[-1:]] or [None]
+    good = broadcast_object_list(newest)[0]
     if watch.rollbacks == MAX_ROLLBACKS:
         why += f", again after {MAX_ROLLBACKS} rollbacks"
     if tc.on_nonfinite == "stop" or not good or watch.rollbacks == MAX_ROLLBACKS:
-        kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint yet"
+        kept = f"the last good checkpoint is {good}" if good else "no checkpoint yet"
         raise RunStopped(f"{why}; {kept}: lower --lr-g/--lr-d, or --on-nonfinite rollback")
     watch.rollbacks += 1
     watch.reset()
-    restored = load_checkpoint(run.accelerator, good[-1], run.gan.ema)  # RNG states included
+    restored = load_checkpoint(run.accelerator, good, run.gan.ema)  # RNG states included
     restored.lr_scale = state.lr_scale * tc.rollback_lr_factor
+    restored.best_fid, restored.best_step = state.best_fid, state.best_step  # best/ holds it
     run.gan.set_learning_rates(tc, restored.lr_scale)
-    event = {"event": "rollback", "reason": why, "checkpoint": good[-1].name}
-    run.record({"step": restored.step, **event, "lr_scale": restored.lr_scale})
-    run.write(f"{why}: rolled back to {good[-1].name}, learning rates x{restored.lr_scale:g}")
+    event = {"event": "rollback", "reason": why, "checkpoint": Path(good).name}
+    run.log_metrics({"step": restored.step, **event, "lr_scale": restored.lr_scale})
+    run.say(f"{why}: rolled back to {Path(good).name}, learning rates x{restored.lr_scale:g}")
     run.progress.n = restored.step
     return restored
 
@@ -542,8 +580,8 @@ def evaluate_ema(run: Run, state: TrainerState, last: bool) -> None:
             )
     result["eval_seconds"] = result.pop("seconds")
     best = {"best_fid": state.best_fid, "best_step": state.best_step}
-    run.record({"step": state.step, **result, **best})
-    run.write(
+    run.log_metrics({"step": state.step, **result, **best})
+    run.say(
         f"step {state.step}: FID {result['fid']:.3f} KID {result['kid_mean']:.5f} (best FID "
         f"{state.best_fid:.3f} at step {state.best_step}; {run.extractor.name}, "
         f"{result['n_fake']} fake vs {result['n_real']} real)"
@@ -598,6 +636,19 @@ def finish(run: Run, state: TrainerState, stop: StopRequest, stopped_by: str | N
         )
 
 
+def announce_resume(out_dir: Path, step: int, changes: dict[str, tuple], note: str) -> None:
+    """Say what a resume changed (main process): each change on the terminal and, with its step,
+    in changes.jsonl; config.toml holds the settings now."""
+    lines = [note] if note else []
+    for key, (old, new) in changes.items():
+        lines.append(f"resuming with {key} {old!r} -> {new!r} (recorded in config.toml)")
+    for line in lines:
+        print(line, flush=True)
+    if changes:
+        changed = {key: list(values) for key, values in changes.items()}
+        append_jsonl(out_dir / CHANGES_FILE, {"step": step, "changes": changed})
+
+
 def build_cache(loader: ImageLoader, log) -> None:
     """Decode the data into memory now, before the clock of the first steps starts, and say where
     it went (or why the run streams from the files instead)."""
@@ -606,8 +657,8 @@ def build_cache(loader: ImageLoader, log) -> None:
     size = f"{loader.cache_bytes / 2**20:.0f} MiB"
     if cache is None:
         log(
-            f"streaming images from files: decoded they would take {size}, more than a quarter of "
-            "the free memory"
+            f"streaming images from files: decoded they would take {size}, more than this "
+            "process's share of a quarter of the free memory"
         )
         return
     seconds = time.perf_counter() - start
@@ -665,9 +716,9 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     require_usable_cuda()  # else a GPU node would silently train as CPU processes
     require_one_dali_build()
     resume_from = find_resume_point(cfg.train.resume, out_dir / "checkpoints")
-    changes = {}
+    changes, note = {}, ""
     if resume_from is not None:  # the run's own settings, with what may change changed
-        cfg, changes = config_for_resume(cfg, resume_from)
+        cfg, changes, note = config_for_resume(cfg, resume_from)
     tc, dc, model_cfg = cfg.train, cfg.data, cfg.model
     configure_kernels(tc.deterministic)
     if tc.sync_bn and not torch.cuda.is_available():
@@ -690,11 +741,13 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     gan = build_gan(accelerator, model_cfg, tc)
     seeded = torch.Generator().manual_seed(tc.seed)
     fixed_z = torch.randn(tc.num_samples, model_cfg.z_dim, generator=seeded).to(device)
-    state = TrainerState(step=0, model=model_cfg, global_batch=global_batch)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, gan.ema)  # RNG states included
-        gan.set_learning_rates(tc, state.lr_scale)
+        state = resume(accelerator, resume_from, gan, tc, changes)
     else:
+        precision = accelerator.mixed_precision
+        state = TrainerState(
+            step=0, model=model_cfg, global_batch=global_batch, precision=precision
+        )
         set_seed(tc.seed + accelerator.process_index)  # each process draws its own z
     progress = tqdm(total=total_steps, initial=state.step, unit="step", disable=not is_main)
     parts = {"cfg": cfg, "gan": gan, "loader": loader, "progress": progress, "fixed_z": fixed_z}
@@ -705,11 +758,7 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         stop.marker.unlink(missing_ok=True)
         cfg.save_toml(out_dir / "config.toml")
-        for key, (old, new) in changes.items():
-            print(f"resuming with {key} {old!r} -> {new!r} (recorded in config.toml)", flush=True)
-        if changes:  # config.toml holds the settings now; this file, when each changed
-            changed = {key: list(values) for key, values in changes.items()}
-            append_jsonl(out_dir / CHANGES_FILE, {"step": state.step, "changes": changed})
+        announce_resume(out_dir, state.step, changes, note)
         print(
             f"distgan: {accelerator.num_processes} process(es) on {device.type}, batch "
             f"{tc.batch_size}/process (global {global_batch}), precision "

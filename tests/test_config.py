@@ -1,12 +1,21 @@
 """Config: defaults, TOML file, flags over the file, the documented --help, and one-line errors
-for bad values, unknown keys (with a suggestion) and wrong types."""
+for bad values (non-finite numbers too), unknown keys (with a suggestion) and wrong types; and
+what a resumed run goes on with when flags change (applied, kept, or refused)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from distgan.config import SECTIONS, Config, build_parser, field_docs, load_toml, parse_args
+from distgan.config import (
+    SECTIONS,
+    Config,
+    build_parser,
+    field_docs,
+    load_toml,
+    parse_args,
+    resume_config,
+)
 from distgan.errors import UserError
 
 
@@ -61,6 +70,8 @@ def test_every_field_has_a_documented_flag():
         (["--decoded-cache", "on"], "decoded_cache='on' is not allowed: use auto or off"),
         (["--compile", "--loss", "wgan-gp"], "does not work with loss='wgan-gp'"),
         (["--sync-bn", "--loss", "wgan-gp"], "sync_bn=True does not work with loss='wgan-gp'"),
+        (["--lr-g", "nan"], "lr_g=nan is not allowed: use a finite number > 0"),
+        (["--gp-weight", "inf"], "gp_weight=inf is not allowed: use a finite number > 0"),
     ],
 )
 def test_bad_values_fail_with_the_key_and_the_fix(argv, message):
@@ -109,3 +120,32 @@ def test_example_celeba_config_loads():
     config = parse_args(["--config", str(REPO / "launch" / "configs" / "celeba64.toml")])
     assert isinstance(config, Config) and config.model.resolution == 64
     assert config.data.crop_box is not None
+
+
+def saved_run() -> Config:
+    """A run's config.toml as a resume reads it back: everything in it counts as given."""
+    return parse_args(
+        ["--resolution", "32", "--batch-size", "16", "--lr-g", "1e-3", "--loss", "hinge"]
+    )
+
+
+def test_resume_applies_what_can_change_and_keeps_the_rest():
+    requested = parse_args(["--lr-g", "1e-4", "--max-steps", "50", "--out-dir", "runs/x"])
+    config, changes = resume_config(saved_run(), requested)
+    assert changes == {"lr_g": (1e-3, 1e-4), "max_steps": (None, 50)}
+    assert config.train.lr_g == 1e-4 and config.train.max_steps == 50
+    # Not given now: the run's own values, not the defaults (64 px, batch 64, bce).
+    assert config.model.resolution == 32 and config.train.batch_size == 16
+    assert config.train.loss == "hinge" and config.train.out_dir == "runs/x"
+    assert resume_config(saved_run(), parse_args(["--resolution", "32"]))[1] == {}
+
+
+def test_resume_refuses_what_cannot_change_in_one_line():
+    requested = parse_args(["--resolution", "64", "--seed", "3", "--lr-d", "1e-4"])
+    with pytest.raises(UserError) as caught:
+        resume_config(saved_run(), requested)
+    message = str(caught.value)
+    assert "\n" not in message and "resolution 32 -> 64, seed 0 -> 3" in message
+    assert "lr_d" not in message and "new --out-dir" in message and "--resume none" in message
+    with pytest.raises(UserError, match="compile=True does not work with loss='wgan-gp'"):
+        resume_config(parse_args(["--loss", "wgan-gp"]), parse_args(["--compile"]))

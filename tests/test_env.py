@@ -7,6 +7,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -50,15 +51,20 @@ def test_cgroup_v2_limits_memory_and_cpus(tmp_path):
     assert env.available_memory(fs, proc, meminfo) == 400 * GIB  # no limit: the machine's
 
 
-def test_cgroup_v1_memory_limit(tmp_path):
+def test_cgroup_v1_memory_and_cpu_limits(tmp_path):
     folder = tmp_path / "fs" / "memory" / "job"
     folder.mkdir(parents=True)
     (folder / "memory.limit_in_bytes").write_text(str(8 * GIB))
     (folder / "memory.usage_in_bytes").write_text(str(3 * GIB))
     (folder / "memory.stat").write_text(f"total_inactive_file {GIB}\n")
     (tmp_path / "fs" / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
-    (tmp_path / "cgroup").write_text("4:memory:/job\n1:cpu:/\n0::/\n")
+    cpu = tmp_path / "fs" / "cpu,cpuacct" / "job"  # the usual co-mounted v1 controllers
+    cpu.mkdir(parents=True)
+    (cpu / "cpu.cfs_quota_us").write_text("600000")
+    (cpu / "cpu.cfs_period_us").write_text("100000")
+    (tmp_path / "cgroup").write_text("4:memory:/job\n3:cpu,cpuacct:/job\n0::/\n")
     assert env.cgroup_memory_headroom(tmp_path / "fs", tmp_path / "cgroup") == 6 * GIB
+    assert env.cgroup_cpu_limit(tmp_path / "fs", tmp_path / "cgroup") == 6
 
 
 def test_cpus_follow_the_affinity(monkeypatch, tmp_path):
@@ -74,8 +80,10 @@ def test_cpus_follow_the_affinity(monkeypatch, tmp_path):
         ({}, ["nvidia0", "nvidiactl"], "nvidia0"),
         ({"CUDA_VISIBLE_DEVICES": "0,1"}, [], "CUDA_VISIBLE_DEVICES=0,1"),
         ({"CUDA_VISIBLE_DEVICES": ""}, ["nvidia0"], None),  # hidden on purpose
-        ({"SLURM_GPUS_ON_NODE": "8"}, [], "SLURM_GPUS_ON_NODE=8"),
-        ({"SLURM_GPUS_ON_NODE": "0"}, [], None),
+        ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "8"}, [], "SLURM_GPUS_ON_NODE=8"),
+        ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "0"}, ["nvidia0"], None),
+        ({"SLURM_JOB_ID": "7"}, ["nvidia0"], None),  # a CPU job on a GPU node
+        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0"}, [], "SLURM_JOB_GPUS=0"),  # GPU index 0
     ],
 )
 def test_visible_gpus(tmp_path, environ, devices, expected):
@@ -104,7 +112,21 @@ def test_two_dali_builds_are_refused():
     env.require_one_dali_build(["nvidia-dali-cuda130 2.4.0"])
     with pytest.raises(UserError, match="pip uninstall -y nvidia-dali-cuda120 nvidia-dali-cuda130"):
         env.require_one_dali_build(["nvidia-dali-cuda120 2.4.0", "nvidia-dali-cuda130 2.4.0"])
-    assert env.dali_builds() == [line for line in env.dali_builds() if "cuda" in line]
+
+
+def test_installed_dali_builds_are_found(monkeypatch):
+    def dist(name, version):
+        return SimpleNamespace(metadata={"Name": name}, version=version)
+
+    found = [
+        dist("numpy", "2.4"),
+        dist("nvidia-dali-cuda130", "2.4.0"),
+        dist("nvidia-dali-cuda120", "2.3.0"),
+    ]
+    monkeypatch.setattr(env.importlib.metadata, "distributions", lambda: found)
+    assert env.dali_builds() == ["nvidia-dali-cuda120 2.3.0", "nvidia-dali-cuda130 2.4.0"]
+    with pytest.raises(UserError, match="2 DALI builds are installed"):
+        env.require_one_dali_build()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows the CPU machine's report")

@@ -1,6 +1,6 @@
 """Stopping a run as users do, with 2 real processes: SIGUSR1, SIGTERM, SIGINT and SIGHUP sent to
-`distgan-launch` or to one trainer each end with one checkpoint at a step all processes agreed
-on, exit status 0 and one line saying where it stopped; a second Ctrl-C stops at once; a killed
+`distgan-launch`, to one trainer or to every process of the job each end with one checkpoint at
+a step all processes agreed on, exit status 0 and one line saying where it stopped; a second Ctrl-C stops at once; a killed
 launcher (SIGKILL) or a dead `accelerate launch` leaves no trainer behind, and they checkpoint
 first. After every case no process of the job is left. A single process stops the same way."""
 
@@ -100,6 +100,21 @@ def test_a_signal_to_the_launcher_checkpoints_and_exits_0(tmp_path, faces_cache,
     stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stderr[-3000:]
     assert_stopped_with_a_checkpoint(out, stdout, signal.Signals(signum).name)
+    assert "Traceback" not in stderr
+    assert_none_left(processes)
+
+
+def test_a_signal_to_every_process_checkpoints_and_exits_0(tmp_path, faces_cache):
+    # As SLURM preempts a job step: SIGTERM to the launcher, `accelerate launch` and the trainers.
+    out = tmp_path / "run"
+    job = start(out, faces_cache, distgan_launch())
+    processes = trainers_running(job, out, 2)
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stderr[-3000:]
+    assert_stopped_with_a_checkpoint(out, stdout, "SIGTERM")
     assert "Traceback" not in stderr
     assert_none_left(processes)
 

@@ -298,3 +298,11 @@ def test_standalone_evaluation_of_a_run_and_its_onnx_export(tmp_path, faces_cach
     assert both["torch_fid"] == pytest.approx(scored["fid"], rel=1e-9)  # same z, same generator
     assert both["fid"] == pytest.approx(both["torch_fid"], rel=0.01)
     assert both["onnx_vs_torch_relative_fid_difference"] < 0.01
+
+
+def test_inception_runs_in_ieee_fp32_and_restores_the_settings():
+    knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [knob.fp32_precision for knob in knobs]
+    with metrics.full_fp32():
+        assert [knob.fp32_precision for knob in knobs] == ["ieee", "ieee"]
+    assert [knob.fp32_precision for knob in knobs] == before

@@ -1,7 +1,7 @@
 """The trainer end to end, run as a user runs it (`python launch/train.py`; several processes are
 in test_distributed.py): the files a run writes, resume equal to an uninterrupted run, bf16
 autocast on CPU, every loss, and clear errors for bad input; the precision `auto` picks on each
-kind of GPU, and the deterministic-kernels switch."""
+kind of GPU, and the deterministic-kernels switch; resuming with changed flags."""
 
 import json
 
@@ -196,7 +196,9 @@ def test_auto_precision_on_each_kind_of_gpu(monkeypatch, native_bf16, capability
     assert resolve_mixed_precision("auto") == "fp16"  # the launcher's explicit choice
 
 
-def test_deterministic_kernels_switch():
+def test_deterministic_kernels_switch(monkeypatch):
+    # configure_kernels sets it when unset; this makes the test put the environment back.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         configure_kernels(True)
         assert torch.are_deterministic_algorithms_enabled()
@@ -264,3 +266,21 @@ def test_d_collects_gradients_only_in_its_own_step_and_the_ema_moves():
     assert not all(unchanged(gan.ema.module.parameters(), ema_before))  # it moved
     live = list(gan.generator_core.parameters())
     assert not all(unchanged(gan.ema.module.parameters(), live))  # towards G, not onto it
+
+
+def test_resuming_with_changed_flags_prints_applies_records_or_refuses(tmp_path, faces_cache):
+    out = tmp_path / "run"
+    assert run_train(*small_run(out, faces_cache, "--max-steps", "10")).returncode == 0
+    refused = run_train(*small_run(out, faces_cache, "--max-steps", "20", "--resolution", "64"))
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "resolution 32 -> 64" in line and "new --out-dir" in line
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step-00000010"
+    applied = run_train(*small_run(out, faces_cache, "--max-steps", "20", "--lr-g", "1e-4"))
+    assert applied.returncode == 0, applied.stderr[-3000:]
+    assert "resuming with lr_g 0.0002 -> 0.0001 (recorded in config.toml)" in applied.stdout
+    assert "steps 10 -> 20" in applied.stdout
+    assert "lr_g = 0.0001" in (out / "config.toml").read_text()
+    changes = [json.loads(line) for line in (out / "changes.jsonl").read_text().splitlines()]
+    assert changes == [{"step": 10, "changes": {"lr_g": [0.0002, 0.0001], "max_steps": [10, 20]}}]
+    assert metrics(out)[-1]["lr_g"] == 1e-4
