@@ -50,6 +50,7 @@ from distgan.signals import STOP_SIGNALS, die_with_parent, ignored
 PARENT_DEATH_SIGNAL = signal.SIGUSR1
 AGREE_EVERY = 10  # steps between the collectives that agree on stopping (at most)
 PREEMPTED_MARKER = "preempted.json"
+PROGRESS_TO_FILE_SECONDS = 60
 CHANGES_FILE = "changes.jsonl"  # settings changed on resume, with the step they took effect
 MAX_ROLLBACKS = 5  # then the run stops: halving the learning rates further rarely helps
 
@@ -524,7 +525,7 @@ def log_step(run: Run, state, verdict: Agreement, speed: Throughput, watch: Nonf
         }
     )
     losses = {"loss_d": f"{verdict.loss_d:.3f}", "loss_g": f"{verdict.loss_g:.3f}"}
-    run.progress.set_postfix(**losses, img_s=f"{images_per_sec:.0f}")
+    run.progress.set_postfix(**losses, img_s=f"{images_per_sec:.0f}", refresh=False)
     if verdict.skipped_steps:
         what = f"{verdict.skipped_steps} step(s) with non-finite losses or gradients"
         run.say(f"step {state.step}: skipped {what}")
@@ -649,6 +650,14 @@ def announce_resume(out_dir: Path, step: int, changes: dict[str, tuple], note: s
         append_jsonl(out_dir / CHANGES_FILE, {"step": step, "changes": changed})
 
 
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """A live bar on a terminal; when stderr is a file (SLURM's log, a redirect), an update at
+    most every PROGRESS_TO_FILE_SECONDS, so a long job's log stays small."""
+    every = 0.1 if sys.stderr.isatty() else PROGRESS_TO_FILE_SECONDS
+    options = {"unit": "step", "mininterval": every, "disable": not enabled}
+    return tqdm(total=total, initial=initial, **options)
+
+
 def build_cache(loader: ImageLoader, log) -> None:
     """Decode the data into memory now, before the clock of the first steps starts, and say where
     it went (or why the run streams from the files instead)."""
@@ -749,7 +758,7 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
             step=0, model=model_cfg, global_batch=global_batch, precision=precision
         )
         set_seed(tc.seed + accelerator.process_index)  # each process draws its own z
-    progress = tqdm(total=total_steps, initial=state.step, unit="step", disable=not is_main)
+    progress = progress_bar(total_steps, state.step, enabled=is_main)
     parts = {"cfg": cfg, "gan": gan, "loader": loader, "progress": progress, "fixed_z": fixed_z}
     run = Run(accelerator=accelerator, out_dir=out_dir, **parts)
     prepare_fid(run, files)

@@ -1,7 +1,8 @@
 """The trainer end to end, run as a user runs it (`python launch/train.py`; several processes are
 in test_distributed.py): the files a run writes, resume equal to an uninterrupted run, bf16
 autocast on CPU, every loss, and clear errors for bad input; the precision `auto` picks on each
-kind of GPU, and the deterministic-kernels switch; resuming with changed flags."""
+kind of GPU, and the deterministic-kernels switch; resuming with changed flags; a progress bar
+that writes a few lines, not hundreds, to a log file."""
 
 import json
 
@@ -284,3 +285,12 @@ def test_resuming_with_changed_flags_prints_applies_records_or_refuses(tmp_path,
     changes = [json.loads(line) for line in (out / "changes.jsonl").read_text().splitlines()]
     assert changes == [{"step": 10, "changes": {"lr_g": [0.0002, 0.0001], "max_steps": [10, 20]}}]
     assert metrics(out)[-1]["lr_g"] == 1e-4
+
+
+def test_progress_to_a_file_is_a_few_lines_not_one_per_refresh(tmp_path, faces_cache):
+    # stderr is a pipe here, as under SLURM: the bar updates at most once a minute (+ the end).
+    result = run_train(*small_run(tmp_path / "run", faces_cache, "--max-steps", "60"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    updates = [line for line in result.stderr.replace("\r", "\n").splitlines() if "step" in line]
+    assert 1 <= len(updates) <= 3, updates
+    assert "60/60" in updates[-1]
