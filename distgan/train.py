@@ -47,7 +47,9 @@ from distgan.models import Discriminator, Generator, ModelConfig
 from distgan.report import append_jsonl, plot_losses, save_grid
 from distgan.signals import STOP_SIGNALS, die_with_parent, ignored
 
-PARENT_DEATH_SIGNAL = signal.SIGUSR1
+# Its own signal: the kernel may send it while the dying launcher is still our parent, so the
+# signal itself, not getppid(), must say what happened.
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
 AGREE_EVERY = 10  # steps between the collectives that agree on stopping (at most)
 PREEMPTED_MARKER = "preempted.json"
 PROGRESS_TO_FILE_SECONDS = 60
@@ -178,6 +180,7 @@ class StopRequest:
                 signal.signal(stop_signal, self._received)
         if under_launcher:
             # The kernel signals us when the launcher dies, even by SIGKILL: stop, never orphan.
+            signal.signal(PARENT_DEATH_SIGNAL, self._received)
             die_with_parent(PARENT_DEATH_SIGNAL)
             if self._orphaned():  # it died before the request took effect
                 self.reason = "the launcher's exit"
@@ -193,7 +196,7 @@ class StopRequest:
         if signum == signal.SIGINT and self.reason is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if self.reason is None:
-            orphaned = signum == PARENT_DEATH_SIGNAL and self._orphaned()
+            orphaned = signum == PARENT_DEATH_SIGNAL
             self.reason = "the launcher's exit" if orphaned else signal.Signals(signum).name
 
 
