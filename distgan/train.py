@@ -119,24 +119,23 @@ def find_resume_point(resume: str, checkpoints_root: Path) -> Path | None:
     return Path(resume)
 
 
-def config_for_resume(cfg: Config, checkpoint: Path) -> tuple[Config, dict[str, tuple], str]:
+def config_for_resume(cfg: Config, checkpoint: Path, model: ModelConfig):
     """The config a resumed run goes on with, what the user changed in it, and a note to print:
     the config.toml of the checkpoint's run with the changes that can apply; the model always
-    from the checkpoint."""
+    the checkpoint's (`model`)."""
     saved_toml = checkpoint.parent.parent / "config.toml"
     changes, note = {}, ""
     if saved_toml.is_file():
         cfg, changes = resume_config(make_config(load_toml(saved_toml)), cfg)
-    model = read_trainer_state(checkpoint).model
     if not saved_toml.is_file() and model != cfg.model:
         note = f"note: resuming {checkpoint} (its run has no config.toml): the model comes from it"
     return Config(model=model, data=cfg.data, train=cfg.train, given=cfg.given), changes, note
 
 
-def resume(accelerator, checkpoint: Path, gan: GAN, tc: TrainConfig, changes) -> TrainerState:
-    """Load the checkpoint into G, D, the optimizers, the EMA and the RNG, once it is sure to go
-    on as it was trained: the same precision and global batch (the data position counts steps)."""
-    saved = read_trainer_state(checkpoint)
+def resume(accelerator, checkpoint: Path, saved: TrainerState, gan: GAN, tc, changes):
+    """Load the checkpoint (whose state is `saved`) into G, D, the optimizers, the EMA and the
+    RNG, once it is sure to go on as it was trained: the same precision and global batch (the
+    data position counts steps). Returns the state to go on with."""
     precision = accelerator.mixed_precision
     global_batch = tc.batch_size * accelerator.num_processes
     if saved.precision not in (None, precision):
@@ -275,10 +274,10 @@ class Throughput:
         if self.compiling:  # the first step compiles: time it, keep it out of images/s
             loss.item()  # waits for the step to finish
             self.compiling = False
-            self.log(f"torch.compile: first step (compiling) took {self._since_start():.1f} s")
+            self.log(f"torch.compile: first step (compiling) took {self._window_seconds():.1f} s")
             self.restart(step)
 
-    def _since_start(self) -> float:
+    def _window_seconds(self) -> float:
         return time.perf_counter() - self.window_start
 
     @contextmanager
@@ -292,7 +291,7 @@ class Throughput:
         rate = (
             (step - self.window_step)
             * self.global_batch
-            / (self._since_start() - self.paused_seconds)
+            / (self._window_seconds() - self.paused_seconds)
         )
         self.restart(step)
         return rate
@@ -730,7 +729,8 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     resume_from = find_resume_point(cfg.train.resume, out_dir / "checkpoints")
     changes, note = {}, ""
     if resume_from is not None:  # the run's own settings, with what may change changed
-        cfg, changes, note = config_for_resume(cfg, resume_from)
+        saved = read_trainer_state(resume_from)
+        cfg, changes, note = config_for_resume(cfg, resume_from, saved.model)
     tc, dc, model_cfg = cfg.train, cfg.data, cfg.model
     configure_kernels(tc.deterministic)
     if tc.sync_bn and not torch.cuda.is_available():
@@ -754,7 +754,7 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     seeded = torch.Generator().manual_seed(tc.seed)
     fixed_z = torch.randn(tc.num_samples, model_cfg.z_dim, generator=seeded).to(device)
     if resume_from is not None:
-        state = resume(accelerator, resume_from, gan, tc, changes)
+        state = resume(accelerator, resume_from, saved, gan, tc, changes)
     else:
         precision = accelerator.mixed_precision
         state = TrainerState(
