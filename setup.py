@@ -29,5 +29,6 @@ setup(
         "tomli-w>=1.2,<2",
         "torch-fidelity>=0.4,<0.5",
         "psutil>=7.2,<8",
+        "huggingface_hub>=2.4,<3",
     ]
 )

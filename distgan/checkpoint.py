@@ -65,6 +65,10 @@ class TrainerState:
     lr_scale: float = 1.0
     """Factor on both learning rates, lowered by each rollback after non-finite steps."""
 
+    aug_p: float = 0.0
+    """ADA's augmentation probability p (0 in checkpoints that predate it; kept as it was while
+    augment is not ada)."""
+
     best_fid: float | None = None
     """The best FID measured during training, if any."""
 
@@ -210,9 +214,10 @@ def save_generator(
             "distgan_version": __version__,
             "model": config.to_dict(),
             "z_dim": config.z_dim,
-            "z_distribution": "normal(0, 1)",
+            "z_distribution": config.z_distribution,  # older files: "normal(0, 1)"
             "resolution": config.resolution,
-            "output": "float32 NCHW RGB in [-1, 1]",
+            "channels": config.channels,
+            "output": f"float32 NCHW {'gray' if config.channels == 1 else 'RGB'} in [-1, 1]",
             "step": step,
             "images_seen": images_seen,
         },
@@ -220,12 +225,13 @@ def save_generator(
     return out_dir / GENERATOR_WEIGHTS
 
 
-def load_generator(path: str | Path) -> tuple[Generator, dict]:
+def load_generator(path: str | Path, meta_name: str = GENERATOR_META) -> tuple[Generator, dict]:
     """A Generator in eval mode from `generator.safetensors` (or the run folder holding it), and
-    the contents of its `generator.json`."""
+    the contents of its `generator.json` (`meta_name`: the same file under another name, as
+    config.json in a Hub model folder)."""
     path = Path(path)
     weights_path = path / GENERATOR_WEIGHTS if path.is_dir() else path
-    meta_path = weights_path.with_name(GENERATOR_META)
+    meta_path = weights_path.with_name(meta_name)
     if not weights_path.is_file():
         raise UserError(
             f"{weights_path} does not exist: pass a run folder or its {GENERATOR_WEIGHTS}"

@@ -22,6 +22,7 @@ from typing import Literal
 
 import tomli_w
 
+from distgan.augment import AugmentMode
 from distgan.errors import UserError
 from distgan.files import write_text_atomically
 from distgan.losses import Loss
@@ -30,6 +31,7 @@ from distgan.models import ModelConfig
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 EvalFeatures = Literal["inception", "pixels"]
 EVAL_FEATURES = typing.get_args(EvalFeatures)
+ReportTo = Literal["auto", "none", "tensorboard", "wandb", "all"]
 
 
 def _require_positive(obj, *names: str) -> None:
@@ -71,6 +73,11 @@ class DataConfig:
     flip: bool = True
     """Random horizontal flips."""
 
+    channels: Literal["auto", "1", "3"] = "auto"
+    """Image channels to train on: 1 (grayscale), 3 (RGB), or auto: 1 when every image in the
+    folder is grayscale (read from the file headers), else 3. The built-in faces are colour;
+    1 converts colour images to gray. The model is built for the resolved count."""
+
     num_threads: int = 2
     """DALI CPU threads per process (decode on CPU, or the host side of GPU decode)."""
 
@@ -110,7 +117,7 @@ class DataConfig:
 POSITIVE_TRAIN_FIELDS = (
     *("batch_size", "max_steps", "epochs", "lr_g", "lr_d", "gp_weight", "log_every"),
     *("sample_every", "ckpt_every", "keep_checkpoints", "num_samples", "dist_timeout"),
-    *("eval_every", "eval_num", "eval_real_num", "nonfinite_limit"),
+    *("eval_every", "eval_num", "eval_real_num", "nonfinite_limit", "ada_kimg"),
 )
 
 
@@ -151,9 +158,26 @@ class TrainConfig:
     gp_weight: float = 10.0
     """Weight of the gradient penalty with loss=wgan-gp."""
 
+    augment: AugmentMode = "diffaugment"
+    """Augmentation of the images D sees, real and generated alike (differentiable, so G learns
+    through it): none; diffaugment (DiffAugment: colour, translation, cutout on every image); or
+    ada (adaptive: flips, rotations, scaling, translation and colour changes, each applied with a
+    probability p that rises while D overfits and falls while it does not; p is logged as aug_p).
+    The default, diffaugment, gave the lowest distance on 500, 2,000 and 10,000 faces in
+    `python -m bench.quality` (bench/README.md). Can change on resume."""
+
+    ada_target: float = 0.6
+    """ADA's target for E[sign(D(real))], the mean sign of D's logits on the real images (-1 to
+    1): p rises while the mean is above it (D overfits) and falls while it is below."""
+
+    ada_kimg: float = 100.0
+    """ADA's speed: thousands of images over which p can move by 1 (StyleGAN2-ADA: 500; 100 lets
+    p move within runs of a few thousand steps)."""
+
     mixed_precision: MixedPrecision = "auto"
-    """no, fp16 (CUDA only), bf16, or auto: the launcher's setting if it gave one, else bf16 where
-    the hardware computes it natively (recent CPUs and GPUs), else no."""
+    """no, fp16 (CUDA only), bf16, or auto: the launcher's choice if it made one (accelerate
+    launch --mixed_precision, or its config file; its default `no` is not a choice), else bf16
+    where the hardware computes it natively (recent CPUs and GPUs), else no."""
 
     channels_last: bool = True
     """Keep G, D and the image batches in channels-last (NHWC) memory layout: faster convolutions
@@ -190,6 +214,12 @@ class TrainConfig:
 
     num_samples: int = 64
     """Images in each sample grid (fixed z, so grids are comparable across steps)."""
+
+    report_to: ReportTo = "auto"
+    """Experiment trackers that get every metrics line, the sample grids, FID/KID and the config
+    (main process only): tensorboard (files in OUT/tensorboard/), wandb (Weights & Biases; files
+    in OUT/wandb/, all of them with WANDB_MODE=offline), all (both), none, or auto: TensorBoard
+    when it is installed, else none."""
 
     eval_every: int | None = None
     """Steps between FID/KID evaluations of the EMA generator (unset: none during training)."""
@@ -232,6 +262,12 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint in out_dir, if any; none: start fresh
     (refused if out_dir already holds checkpoints); or the path of a checkpoint folder."""
 
+    init_from: str | None = None
+    """Start a new run from trained weights, to fine-tune them (e.g. on a new data_dir): a run
+    folder or one of its checkpoints (G, D and EMA G), a Hub model folder (RUN/hub) or a Hub repo
+    id user/name (G and EMA G; D fresh). The model comes from them (flags that contradict it are
+    refused); optimizers and the step start afresh. A run already in out_dir resumes instead."""
+
     def __post_init__(self) -> None:
         _require_positive(self, *POSITIVE_TRAIN_FIELDS)
         _require_choices(self)
@@ -256,8 +292,28 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed: use 0 <= x < 1")
         if not 0.0 < self.real_label <= 1.0:
             raise ValueError(f"real_label={self.real_label} is not allowed: use 0 < x <= 1")
+        if not -1.0 < self.ada_target < 1.0:
+            raise ValueError(f"ada_target={self.ada_target} is not allowed: use -1 < x < 1")
         if not self.resume:
             raise ValueError("resume='' is not allowed: use auto, none, or a checkpoint folder")
+        if self.init_from == "":
+            raise ValueError("init_from='' is not allowed: give a run, folder or Hub repo id")
+
+
+# Model fields that no flag or file sets: training resolves them from the data (channels, from
+# the data's --channels) and stores them with the model, in checkpoints and generator files.
+RESOLVED_MODEL_FIELDS = frozenset({"channels"})
+
+
+def settable_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config section that a flag or the config file sets."""
+    resolved = RESOLVED_MODEL_FIELDS if cls is ModelConfig else frozenset()
+    return [f for f in dataclasses.fields(cls) if f.name not in resolved]
+
+
+def _settable_values(section) -> dict:
+    names = {f.name for f in settable_fields(type(section))}
+    return {k: v for k, v in dataclasses.asdict(section).items() if k in names}
 
 
 @dataclass(kw_only=True)
@@ -272,16 +328,12 @@ class Config:
 
     def values(self) -> dict:
         """Every field of every section by name (field names are unique across sections)."""
-        return {
-            k: v for name in SECTIONS for k, v in dataclasses.asdict(getattr(self, name)).items()
-        }
+        return {k: v for name in SECTIONS for k, v in _settable_values(getattr(self, name)).items()}
 
     def to_dict(self) -> dict:
         """Sections of plain values, unset (None) fields left out since TOML has no null."""
         return {
-            name: {
-                k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if v is not None
-            }
+            name: {k: v for k, v in _settable_values(getattr(self, name)).items() if v is not None}
             for name in SECTIONS
         }
 
@@ -325,7 +377,7 @@ def _add_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None
     hints = typing.get_type_hints(cls)
     summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
     group = parser.add_argument_group(f"[{section}]", summary)
-    for f in dataclasses.fields(cls):
+    for f in settable_fields(cls):
         base, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
@@ -356,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_keys(section: str, values: dict, cls: type) -> None:
-    known = [f.name for f in dataclasses.fields(cls)]
+    known = [f.name for f in settable_fields(cls)]
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -388,7 +440,7 @@ def load_toml(path: str | Path) -> dict[str, dict]:
 def make_config(sections: dict[str, dict] | None = None, **overrides) -> Config:
     """A Config from section dicts plus flat field overrides (any section's field by name)."""
     merged = {name: dict((sections or {}).get(name, {})) for name in SECTIONS}
-    owner = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    owner = {f.name: name for name, cls in SECTIONS.items() for f in settable_fields(cls)}
     for key, value in overrides.items():
         if key not in owner:
             close = difflib.get_close_matches(key, list(owner), n=1)
@@ -406,7 +458,8 @@ def make_config(sections: dict[str, dict] | None = None, **overrides) -> Config:
 
 
 # What a resumed run cannot change: what it has learnt, from which data, and how. Everything
-# else (steps, learning rates, cadences, speed settings) can.
+# else (steps, learning rates, cadences, speed settings) can. The model's fields include
+# "channels", which is the data's --channels flag here (the model's own is resolved from it).
 FIXED_ON_RESUME = {f.name for f in dataclasses.fields(ModelConfig)} | {
     "data_dir",
     "crop_box",
@@ -422,6 +475,7 @@ FIXED_ON_RESUME = {f.name for f in dataclasses.fields(ModelConfig)} | {
     "ema_decay",
     "sync_bn",
     "mixed_precision",
+    "init_from",
 }
 NOT_COMPARED_ON_RESUME = frozenset({"out_dir", "resume"})
 
@@ -456,8 +510,11 @@ def _check_types(section: str, values: dict, cls: type) -> None:
         if value is None and optional:
             continue
         expected = list if typing.get_origin(base) is list else base
-        if _choices(hints[key]):
+        choices = _choices(hints[key])
+        if choices:
             expected = str
+            if type(value) is int and str(value) in choices:  # TOML's channels = 1 means "1"
+                values[key] = value = str(value)
         ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)

@@ -1,5 +1,6 @@
 """The image pipeline: NVIDIA DALI reads, decodes (on the GPU when there is one), crops, resizes,
-flips and normalises a folder of JPEG/PNG files, sharded across the training processes.
+flips and normalises a folder of images (JPEG, PNG, WebP, BMP, TIFF, PNM, JPEG 2000: the formats
+DALI's image decoder reads), sharded across the training processes.
 
 The order of the data is ours, not DALI's: each epoch is one global permutation (from the seed and
 the epoch number), padded by wrapping to a whole number of global batches, so that every process
@@ -18,9 +19,11 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import nvidia.dali.math as dmath
@@ -35,29 +38,115 @@ from distgan.errors import UserError, first_line
 from distgan.faces import builtin_faces_dir, default_cache_dir, ensure_builtin_faces, render_size
 from distgan.files import write_json_atomically, write_text_atomically
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-SCAN_VERSION = 1
+
+class ImageFormat(NamedTuple):
+    """An image format that DALI decodes, and the file extensions that name it."""
+
+    name: str  # as the start-up line counts it
+    pillow: str  # Pillow's name for it (the scan opens files with Pillow)
+    extensions: tuple[str, ...]
+
+
+# Every format DALI's image decoder reads, each checked to decode on the CPU (tests/test_data.py).
+# Files are found by extension; DALI decodes by content, and the scan checks that.
+IMAGE_FORMATS = (
+    ImageFormat("JPEG", "JPEG", (".jpg", ".jpeg")),
+    ImageFormat("PNG", "PNG", (".png",)),
+    ImageFormat("WebP", "WEBP", (".webp",)),
+    ImageFormat("BMP", "BMP", (".bmp",)),
+    ImageFormat("TIFF", "TIFF", (".tif", ".tiff")),
+    ImageFormat("PNM", "PPM", (".pbm", ".pgm", ".ppm", ".pnm")),
+    ImageFormat("JPEG 2000", "JPEG2000", (".jp2", ".j2k")),
+)
+FORMAT_BY_EXTENSION = {ext: f for f in IMAGE_FORMATS for ext in f.extensions}
+IMAGE_EXTENSIONS = tuple(FORMAT_BY_EXTENSION)
+FORMAT_NAMES = ", ".join(f.name for f in IMAGE_FORMATS)
+PILLOW_FORMATS = frozenset(f.pillow for f in IMAGE_FORMATS)
+TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
+SKIPPED_NAMES_SHOWN = 5  # names of skipped files on the start-up line; then "and N more"
+SCAN_VERSION = 2  # 2: every format in IMAGE_FORMATS
 BAD_IMAGES_FILE = "bad_images.txt"
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # PIL's
+HEADERS_PER_ROUND = 256  # files whose headers are read between checks for a colour image
+# DALI decodes JPEG 2000 on the CPU with OpenCV, which warns on every image of a bare codestream
+# (.j2k: no colour space box, sRGB assumed), each epoch: keep its warnings out of the log.
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
-def find_images(data_dir: str | os.PathLike) -> list[str]:
-    """All JPEG and PNG files under `data_dir` (recursively), sorted, as absolute paths."""
+class ImageFolder(NamedTuple):
+    """What a data folder holds: its image files (by extension), sorted absolute paths, and the
+    other files in it, which training skips (sorted, relative to the folder)."""
+
+    root: Path
+    files: list[str]
+    skipped: list[str]
+
+    def describe(self, files: list[str] | None = None) -> str:
+        """`files` (default: all the images) counted by format, and the skipped files named:
+        "22 images (13 JPEG, 4 WebP, 4 BMP, 1 PNG) in DIR; skipped 2 files without an image
+        extension: notes.txt, thumbs.db"."""
+        files = self.files if files is None else files
+        counts = Counter(FORMAT_BY_EXTENSION[Path(f).suffix.lower()].name for f in files)
+        order = [f.name for f in IMAGE_FORMATS]
+        by_count = sorted(counts.items(), key=lambda item: (-item[1], order.index(item[0])))
+        formats = ", ".join(f"{count} {name}" for name, count in by_count)
+        text = f"{len(files)} images ({formats}) in {self.root}"
+        if self.skipped:
+            names = ", ".join(self.skipped[:SKIPPED_NAMES_SHOWN])
+            more = len(self.skipped) - SKIPPED_NAMES_SHOWN
+            names += f", and {more} more" if more > 0 else ""
+            text += f"; skipped {plural(len(self.skipped), 'file')} without an image extension: "
+            text += names
+        return text
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def survey_folder(data_dir: str | os.PathLike) -> ImageFolder:
+    """The image files under `data_dir` (recursively; any extension of IMAGE_FORMATS, in any
+    case) and the other files there. Raises with a one-line message if there are no images."""
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data_dir {root} does not exist: check the --data-dir path")
     if not root.is_dir():
         raise NotADirectoryError(f"data_dir {root} is not a folder: pass the folder of images")
-    files = sorted(
-        str(p.resolve())
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    files, skipped = [], []
+    for path in root.rglob("*"):
+        if path.suffix.lower() in FORMAT_BY_EXTENSION and path.is_file():
+            files.append(str(path.resolve()))
+        elif not path.is_dir():  # other files, and broken links
+            skipped.append(str(path.relative_to(root)))
+    folder = ImageFolder(root, sorted(files), sorted(skipped))
     if not files:
+        others = f" ({plural(len(skipped), 'other file')})" if skipped else ""
         raise ValueError(
-            f"data_dir {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-            "point --data-dir at a folder of JPEG/PNG files"
+            f"data_dir {root} holds no images{others}: point --data-dir at a folder of "
+            f"{FORMAT_NAMES} files ({' '.join(IMAGE_EXTENSIONS)})"
         )
-    return files
+    return folder
+
+
+def find_images(data_dir: str | os.PathLike) -> list[str]:
+    """All image files under `data_dir` (recursively), sorted, as absolute paths."""
+    return survey_folder(data_dir).files
+
+
+def dali_cannot_decode(image: Image.Image) -> str | None:
+    """Why DALI cannot decode an image that Pillow opened (its format, or a TIFF variant that
+    DALI 2.4 fails on or decodes wrongly on the CPU), or None."""
+    if image.format not in PILLOW_FORMATS:
+        return f"a {image.format} image, which DALI does not decode: convert it to PNG"
+    if image.format != "TIFF":
+        return None
+    if TIFF_BITS_PER_SAMPLE not in image.tag_v2:  # Pillow's uncompressed 1-bit TIFFs
+        return "a TIFF without a BitsPerSample tag, which DALI cannot decode: convert it to PNG"
+    if image.mode == "I":
+        return "a 32-bit integer TIFF, which DALI cannot decode: convert it to PNG"
+    if image.mode == "LA":
+        return "a gray + alpha TIFF, which DALI decodes with wrong colours: convert it to PNG"
+    return None
 
 
 def check_image(path: str, crop_box: list[int] | None = None) -> str | None:
@@ -69,8 +158,9 @@ def check_image(path: str, crop_box: list[int] | None = None) -> str | None:
         if not header:
             return "empty file"
         with Image.open(path) as image:
-            if image.format not in ("JPEG", "PNG"):
-                return f"a {image.format} image, not JPEG or PNG"
+            reason = dali_cannot_decode(image)
+            if reason:
+                return reason
             size = image.size
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
@@ -147,7 +237,8 @@ def _all_processes(found: dict) -> dict:
 def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Path, list[str]]:
     """(data folder, usable image files), the same on every process. Renders the built-in faces
     once per machine; scans the files for ones DALI cannot decode (each process a share, in
-    parallel) and stops with the list, or skips them, as `dc.on_bad_image` says.
+    parallel) and stops with the list, or skips them, as `dc.on_bad_image` says; prints the
+    images it trains on by format, and the other files it skipped.
 
     `accelerator` is the run's Accelerator (or anything with its process attributes), `dc` its
     DataConfig.
@@ -162,18 +253,27 @@ def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Pat
         accelerator.wait_for_everyone()
         data_dir = ensure_builtin_faces(dc.builtin_faces, size, dc.cache_dir)
     try:
-        files = find_images(data_dir)
+        folder = survey_folder(data_dir)
     except (OSError, ValueError) as err:
         raise UserError(str(err)) from None
 
+    files = folder.files
     rank, world = accelerator.process_index, accelerator.num_processes
     cache_dir = dc.cache_dir or default_cache_dir()
     cache = scan_cache_path(cache_dir, files, dc.crop_box, f"{rank}of{world}")
     workers = max(1, available_cpus() // local_processes())
     found = scan_images(files[rank::world], dc.crop_box, workers=workers, cache_path=cache)
     bad = _all_processes(found)
-    if not bad:
-        return Path(data_dir), files
+    if bad:
+        files = _without_bad_images(accelerator, dc.on_bad_image, folder, bad, out_dir)
+    accelerator.print(f"data: {folder.describe(files)}")
+    return Path(data_dir), files
+
+
+def _without_bad_images(accelerator, on_bad_image: str, folder: ImageFolder, bad, out_dir):
+    """The usable files once the `bad` ones ({path: reason}) are listed in OUT/bad_images.txt,
+    or a UserError naming them (on_bad_image "error", or none left)."""
+    files, data_dir = folder.files, folder.root
     listing = out_dir / BAD_IMAGES_FILE
     if accelerator.is_main_process:
         lines = "".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items()))
@@ -181,7 +281,7 @@ def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Pat
     first = "; ".join(f"{Path(p).name}: {r}" for p, r in sorted(bad.items())[:3])
     summary = f"{len(bad)} of {len(files)} images in {data_dir} cannot be used ({first}"
     summary += ", ...)" if len(bad) > 3 else ")"
-    if dc.on_bad_image == "error":
+    if on_bad_image == "error":
         raise UserError(
             f"{summary}, all listed in {listing}: fix or remove them, or pass "
             "--on-bad-image skip to train on the rest"
@@ -190,7 +290,44 @@ def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Pat
     if not usable:
         raise UserError(f"{summary}: no usable image is left in {data_dir}")
     accelerator.print(f"skipping {summary}; listed in {listing}")
-    return Path(data_dir), usable
+    return usable
+
+
+def is_grayscale(path: str) -> bool:
+    """Whether a file holds a grayscale image, from its header alone (PIL decodes no pixels)."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in GRAY_MODES
+    except (OSError, SyntaxError, ValueError):  # the scan has named any bad file already
+        return False
+
+
+def count_channels(files: list[str], workers: int | None = None) -> int:
+    """1 if every file is a grayscale image, else 3. Headers only, read in parallel; it stops at
+    the first colour image, so colour data costs a few reads."""
+    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
+        for start in range(0, len(files), HEADERS_PER_ROUND):
+            if not all(pool.map(is_grayscale, files[start : start + HEADERS_PER_ROUND])):
+                return 3
+    return 1
+
+
+def _from_main_process(value):
+    """The main process's `value` on every process (`value` itself without a process group)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return value
+    shared = [value]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def resolve_channels(accelerator, requested: str, files: list[str]) -> int:
+    """The channel count to train on, the same on every process: `requested` ("1" or "3"), or
+    for "auto" 1 when every image in `files` is grayscale, else 3 (read by the main process)."""
+    if requested != "auto":
+        return int(requested)
+    found = count_channels(files) if accelerator.is_main_process else None
+    return _from_main_process(found)
 
 
 def steps_per_epoch(num_files: int, num_shards: int, batch_size: int) -> int:
@@ -248,9 +385,9 @@ def memory_for_cache(device: torch.device) -> int:
 
 
 class ImageLoader:
-    """One process's stream of image batches: float32 in [-1, 1], shaped NCHW and laid out
-    channels-last (NHWC strides; `.contiguous()` gives the classic layout), on the training
-    device.
+    """One process's stream of image batches: float32 in [-1, 1], shaped NCHW (C = `channels`:
+    3 for RGB, 1 for gray, which DALI converts colour images to) and laid out channels-last
+    (NHWC strides; `.contiguous()` gives the classic layout), on the training device.
 
     With `decoded_cache="auto"` and enough memory, the first epoch decodes every image once (each
     process all of them, since every epoch draws a new global order) into a uint8 tensor on the
@@ -267,6 +404,7 @@ class ImageLoader:
         shard_id: int,
         num_shards: int,
         seed: int,
+        channels: int = 3,
         crop_box: list[int] | None = None,
         flip: bool = True,
         num_threads: int = 2,
@@ -280,8 +418,11 @@ class ImageLoader:
             raise ValueError(f"shard_id={shard_id} is not in [0, {num_shards})")
         if decoded_cache not in ("auto", "off"):
             raise ValueError(f"decoded_cache={decoded_cache!r} is not allowed: use auto or off")
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels!r} is not allowed: use 1 or 3")
         self.files = list(files)
         self.resolution = resolution
+        self.channels = channels
         self.batch_size = batch_size
         self.shard_id = shard_id
         self.num_shards = num_shards
@@ -293,7 +434,7 @@ class ImageLoader:
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.steps_per_epoch = steps_per_epoch(len(files), num_shards, batch_size)
         self.cache: torch.Tensor | None = None
-        self.cache_bytes = len(self.files) * 3 * resolution * resolution
+        self.cache_bytes = len(self.files) * channels * resolution * resolution
         self.cache_planned = decoded_cache == "auto"
 
     @classmethod
@@ -308,6 +449,7 @@ class ImageLoader:
             shard_id=accelerator.process_index,
             num_shards=accelerator.num_processes,
             seed=tc.seed,
+            channels=cfg.model.channels,
             crop_box=dc.crop_box,
             flip=dc.flip,
             num_threads=dc.num_threads,
@@ -329,16 +471,17 @@ class ImageLoader:
                 files=files, shard_id=shard[0], num_shards=shard[1], **reading
             )
             decode_on = "mixed" if self.device_id is not None else "cpu"
+            colour = {"output_type": types.GRAY if self.channels == 1 else types.RGB}
             if self.crop_box is None:
                 # The centred largest square, decoded alone: rows outside it are skipped.
                 shape = fn.peek_image_shape(encoded)
                 side = fn.cast(dmath.min(shape[0], shape[1]), dtype=types.FLOAT)
                 images = fn.decoders.image_crop(
-                    encoded, device=decode_on, output_type=types.RGB, crop_w=side, crop_h=side
+                    encoded, device=decode_on, crop_w=side, crop_h=side, **colour
                 )
             else:
                 left, top, width, height = self.crop_box
-                images = fn.decoders.image(encoded, device=decode_on, output_type=types.RGB)
+                images = fn.decoders.image(encoded, device=decode_on, **colour)
                 padding = {"out_of_bounds_policy": "pad", "fill_values": 0}
                 box = {"start": [left, top], "shape": [width, height], "axis_names": "WH"}
                 images = fn.slice(images, **box, **padding)
@@ -352,7 +495,7 @@ class ImageLoader:
                 if self.flip
                 else 0
             )
-            to_unit = {"mean": [127.5] * 3, "std": [127.5] * 3}
+            to_unit = {"mean": [127.5] * self.channels, "std": [127.5] * self.channels}
             return fn.crop_mirror_normalize(
                 images, mirror=mirror, dtype=types.FLOAT, output_layout="HWC", **to_unit
             )
@@ -395,7 +538,7 @@ class ImageLoader:
 
     def build_cache(self) -> torch.Tensor | None:
         """With decoded_cache="auto", decode and resize every image once into `self.cache`:
-        uint8 [N, R, R, 3] on the training GPU if it fits there, else in host memory; None
+        uint8 [N, R, R, C] on the training GPU if it fits there, else in host memory; None
         (stream instead) if it fits nowhere. Called by the first epoch, or before it."""
         if not self.cache_planned:
             return self.cache
@@ -409,7 +552,8 @@ class ImageLoader:
         else:
             return None
         size = self.resolution
-        cache = torch.empty((len(self.files), size, size, 3), dtype=torch.uint8, device=where)
+        shape = (len(self.files), size, size, self.channels)
+        cache = torch.empty(shape, dtype=torch.uint8, device=where)
         filled = 0
         for images in self._run(self._pipeline(self.files, None, self.seed, (0, 1))):
             cache[filled : filled + images.shape[0]].copy_(images)
@@ -477,13 +621,15 @@ def main(argv: list[str] | None = None) -> None:
     scan.add_argument("--workers", type=int, help="parallel checks (default: all cores)")
     args = parser.parse_args(argv)
     try:
-        files = find_images(args.data_dir)
+        folder = survey_folder(args.data_dir)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    files = folder.files
     bad = scan_images(files, args.crop_box, args.workers)
     for path, reason in bad.items():
         print(f"{path}: {reason}")
+    print(folder.describe(), file=sys.stderr)
     print(f"{len(files)} images, {len(bad)} bad", file=sys.stderr)
     sys.exit(1 if bad else 0)
 

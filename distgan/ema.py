@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from distgan.models import sample_latents
+
 
 class EMA:
     """A frozen copy of a model whose parameters trail the live ones: ema <- lerp(ema, live, 1-d).
@@ -36,3 +38,32 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(generator: nn.Module, images: int = 1024, batch_size: int = 128) -> None:
+    """Re-estimate G's BatchNorm running statistics for its own weights.
+
+    The EMA copies its statistics from the live G, whose weights differ; the EMA weights see
+    slightly other activations. Forward passes in train mode with a cumulative average
+    (momentum None) measure them. The latents come from a generator of their own, so the
+    training RNG is untouched and every call gives the same statistics for the same weights.
+    """
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    device = next(generator.parameters()).device
+    seeded = torch.Generator().manual_seed(0)
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    generator.train()
+    try:
+        for start in range(0, images, batch_size):
+            count = min(batch_size, images - start)
+            generator(sample_latents(generator.config, count, generator=seeded).to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        generator.eval()

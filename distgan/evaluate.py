@@ -66,7 +66,7 @@ class OnnxGenerator:
         images = torch.from_numpy(
             self.session.run(None, {"z": z.cpu().numpy().astype(np.float32)})[0]
         )
-        if self.uint8:  # [B, H, W, 3] pixels -> [B, 3, H, W] in [-1, 1], exactly invertible
+        if self.uint8:  # [B, H, W, C] pixels -> [B, C, H, W] in [-1, 1], exactly invertible
             return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return images
 
@@ -151,6 +151,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     extractor = metrics.make_extractor(args.features, args.inception_weights, device)
     dist = metrics.SingleProcess()
     pipeline = {"resolution": config.resolution, "crop_box": crop_box, "num_threads": 2}
+    pipeline["channels"] = config.channels  # a gray model is scored against gray real images
     real = metrics.reference_stats(
         dist,
         extractor,

@@ -4,7 +4,9 @@ Features come from torch-fidelity's FID Inception-v3 (the pytorch-fid / torch-fi
 which reproduce the original TensorFlow numbers) and FID/KID from torch-fidelity's own formulas,
 so the numbers agree with that tool. Real images go through the project's DALI pipeline (the same
 decode, crop and resize as training); their statistics are cached on disk, keyed by the data, the
-resolution, the crop, the sample count and the feature extractor.
+resolution, the crop, the sample count and the feature extractor. A grayscale model is scored
+against grayscale real images (decoded as it was trained), the one channel repeated into the three
+the extractors take.
 
 Distributed: each process extracts features for its share of the real and generated images; the
 shares are gathered and put back in one global order, so every process computes the same numbers,
@@ -39,6 +41,7 @@ from distgan.config import EVAL_FEATURES
 from distgan.data import ImageLoader
 from distgan.errors import UserError, first_line
 from distgan.files import write_atomically
+from distgan.models import sample_latents
 
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]  # torch hub convention
@@ -175,6 +178,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def extractor_input(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images, RGB or gray -> uint8 [N, 3, H, W], what the extractors take: a gray
+    image's one channel repeated into three (as an RGB file of it would hold)."""
+    pixels = to_uint8(images)
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
 @dataclass
 class Stats:
     """Mean and covariance of a feature set (for FID), and up to KID_MAX_FEATURES features."""
@@ -226,21 +236,32 @@ def _gather_in_order(dist, features: torch.Tensor, order: torch.Tensor) -> torch
 
 
 def real_stats_key(
-    files: list[str], resolution: int, crop_box, count: int, extractor: FeatureExtractor
+    files: list[str],
+    resolution: int,
+    crop_box,
+    count: int,
+    extractor: FeatureExtractor,
+    channels: int = 3,
 ) -> str:
-    """Statistics are reused only for the same data, preparation, extractor, device and
-    precision: a GPU's features differ from a CPU's in the last bits."""
+    """Statistics are reused only for the same data, preparation (gray or RGB too), extractor,
+    device and precision: a GPU's features differ from a CPU's in the last bits."""
     listing = [(f, os.path.getsize(f)) for f in files]
     what = [resolution, crop_box, count, extractor.name, extractor.numerics]
+    what += ["gray"] if channels == 1 else []  # RGB keys as before: their caches stay valid
     blob = json.dumps([STATS_VERSION, listing, *what])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def real_stats_path(
-    cache_dir, files: list[str], resolution: int, crop_box, extractor: FeatureExtractor
+    cache_dir,
+    files: list[str],
+    resolution: int,
+    crop_box,
+    extractor: FeatureExtractor,
+    channels: int = 3,
 ) -> Path:
     """Where the real statistics of `files` are cached (under cache_dir/fid-stats/)."""
-    key = real_stats_key(files, resolution, crop_box, len(files), extractor)
+    key = real_stats_key(files, resolution, crop_box, len(files), extractor, channels)
     return Path(cache_dir) / "fid-stats" / f"{key}.npz"
 
 
@@ -279,8 +300,10 @@ def real_stats(
     batch_size: int,
     num_threads: int,
     device_id: int | None,
+    channels: int = 3,
 ) -> Stats:
-    """Features of `files` through the training pipeline (no flips), sharded over processes."""
+    """Features of `files` through the training pipeline (no flips; gray with `channels=1`, as a
+    gray model trains), sharded over processes."""
     loader = ImageLoader(
         files,
         resolution=resolution,
@@ -288,6 +311,7 @@ def real_stats(
         shard_id=dist.process_index,
         num_shards=dist.num_processes,
         seed=0,
+        channels=channels,
         crop_box=crop_box,
         flip=False,
         num_threads=num_threads,
@@ -295,7 +319,7 @@ def real_stats(
     )
     indices, padding = loader.epoch_indices(0)
     keys = torch.from_numpy(np.where(padding, -1, indices))
-    parts = [extractor(to_uint8(batch)) for batch in loader.epoch(0)]
+    parts = [extractor(extractor_input(batch)) for batch in loader.epoch(0)]
     return Stats.of(_gather_in_order(dist, torch.cat(parts), keys))
 
 
@@ -312,8 +336,8 @@ def fake_stats(
 ) -> Stats:
     """Features of `count` images of `generator` (eval mode) from a fixed global set of z, each
     process taking every num_processes-th one."""
-    z_dim = generator.config.z_dim
-    z_all = torch.randn(count, z_dim, generator=torch.Generator().manual_seed(seed))
+    seeded = torch.Generator().manual_seed(seed)
+    z_all = sample_latents(generator.config, count, generator=seeded)
     mine = torch.arange(dist.process_index, count, dist.num_processes)
     per_process = -(-count // dist.num_processes)  # equal shares for the gather; pad with -1
     keys = torch.full((per_process,), -1, dtype=torch.long)
@@ -323,17 +347,20 @@ def fake_stats(
     parts = []
     for start in range(0, per_process, batch_size):
         chunk = keys[start : start + batch_size].clamp(min=0)
-        parts.append(extractor(to_uint8(generator(z_all[chunk].to(device)))))
+        parts.append(extractor(extractor_input(generator(z_all[chunk].to(device)))))
     generator.train(was_training)
     return Stats.of(_gather_in_order(dist, torch.cat(parts), keys))
 
 
-def describe(extractor: FeatureExtractor, real: Stats, fake: Stats, resolution: int) -> dict:
+def describe(
+    extractor: FeatureExtractor, real: Stats, fake: Stats, resolution: int, channels: int = 3
+) -> dict:
     """What every reported number states, so that numbers from two runs can be compared."""
     return {
         "n_real": real.count,
         "n_fake": fake.count,
         "resolution": resolution,
+        "channels": channels,
         "resize": extractor.resize,
         "feature_extractor": extractor.name,
         "feature_numerics": extractor.numerics,
@@ -352,7 +379,8 @@ def reference_stats(
     computed by all processes (`pipeline`: the keyword arguments of `real_stats`) and cached by
     the main one. `log` says when they are computed."""
     resolution, crop_box = pipeline["resolution"], pipeline["crop_box"]
-    path = real_stats_path(cache_dir, files, resolution, crop_box, extractor)
+    channels = pipeline.get("channels", 3)
+    path = real_stats_path(cache_dir, files, resolution, crop_box, extractor, channels)
     stats = load_stats(path)
     found = dist.gather(torch.tensor([float(stats is not None)], device=dist.device))
     if bool(found.all()):  # all processes load them, or all compute them together
@@ -371,9 +399,9 @@ def score(
     states (`describe`) and the seconds it took. `kwargs`: those of `fake_stats`."""
     start = time.perf_counter()
     fake = fake_stats(dist, extractor, generator, count, **kwargs)
-    resolution = generator.config.resolution
+    config = generator.config
     return {
         **scores(real, fake),
-        **describe(extractor, real, fake, resolution),
+        **describe(extractor, real, fake, config.resolution, config.channels),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-RESOLUTIONS = (32, 64, 128, 256)
+MIN_RESOLUTION, MAX_RESOLUTION = 28, 256
+BASES = range(4, 8)  # G starts from, and D ends on, a base x base map
+RESOLUTION_EXAMPLES = "28, 32, 40, 48, 56, 64, 96, 112, 128, 256"
+ZDistribution = Literal["normal", "uniform"]
+Init = Literal["normal", "xavier"]
+
+
+def split_resolution(resolution: int) -> tuple[int, int] | None:
+    """(base, stages) with resolution = base * 2**stages and base in 4..7, or None if there is
+    none. The pair is unique: the bases of one stage count cover [4 * 2**k, 8 * 2**k)."""
+    stages = 0
+    while resolution % 2 == 0 and resolution // 2 >= BASES.start:
+        resolution, stages = resolution // 2, stages + 1
+    return (resolution, stages) if resolution in BASES else None
 
 
 @dataclass(kw_only=True)
@@ -19,10 +32,22 @@ class ModelConfig:
     an export rebuilds exactly the same shapes."""
 
     resolution: int = 64
-    """Image side in pixels: a power of two from 32 to 256 (32 is the classic course setting)."""
+    """Image side in pixels, from 28 to 256: base * 2^k with base 4 to 7 (28, 32, 40, 48, 56, 64,
+    96, 112, 128, 256, ...). G starts from a base x base map and D ends on one."""
+
+    channels: int = 3
+    """Image channels, 1 (grayscale) or 3 (RGB). Not a flag of its own: training sets it from
+    --channels (data), resolved against the images."""
 
     z_dim: int = 100
-    """Length of the latent vector z, drawn from N(0, 1)."""
+    """Length of the latent vector z."""
+
+    z_distribution: ZDistribution = "normal"
+    """Distribution of z: normal (N(0, 1)) or uniform (U[-1, 1])."""
+
+    init: Init = "normal"
+    """Initial conv weights: normal (DCGAN's N(0, 0.02)) or xavier (Glorot uniform, as Keras);
+    BatchNorm weights N(1, 0.02) either way."""
 
     g_channels: int = 64
     """Width of G: channels of its last hidden layer; earlier layers double it, up to 8x."""
@@ -40,11 +65,22 @@ class ModelConfig:
     """Dropout probability after each hidden block of D (0 disables it)."""
 
     def __post_init__(self) -> None:
-        if self.resolution not in RESOLUTIONS:
+        resolution = self.resolution
+        if (
+            not isinstance(resolution, int)
+            or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
+            or split_resolution(resolution) is None
+        ):
             raise ValueError(
-                f"resolution={self.resolution} is not allowed: use a power of two from 32 to 256 "
-                f"({', '.join(map(str, RESOLUTIONS))})"
+                f"resolution={resolution!r} is not allowed: use base * 2^k with base 4 to 7, from "
+                f"{MIN_RESOLUTION} to {MAX_RESOLUTION} (e.g. {RESOLUTION_EXAMPLES})"
             )
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ValueError(f"channels={self.channels!r} is not allowed: use 1 or 3")
+        for name, allowed in (("z_distribution", ZDistribution), ("init", Init)):
+            if getattr(self, name) not in get_args(allowed):
+                listed = " or ".join(get_args(allowed))
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: use {listed}")
         for name in ("z_dim", "g_channels", "d_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -68,20 +104,29 @@ class ModelConfig:
         return cls(**values)
 
     @property
+    def base(self) -> int:
+        """Side of G's first and D's last feature map (4 for powers of two, 7 for 28, 56, ...)."""
+        return split_resolution(self.resolution)[0]
+
+    @property
     def num_stages(self) -> int:
-        """Number of 2x up-/down-sampling stages between 4x4 and the full resolution."""
-        return int(math.log2(self.resolution)) - 2
+        """Number of 2x up-/down-sampling stages between base x base and the full resolution."""
+        return split_resolution(self.resolution)[1]
 
 
 def _widths(base: int, num_stages: int) -> list[int]:
-    """Channel counts from the 4x4 stage outwards: base * 2^k, capped at 8 * base."""
+    """Channel counts from the base x base stage outwards: base * 2^k, capped at 8 * base."""
     return [base * min(2**k, 8) for k in reversed(range(num_stages))]
 
 
-def init_dcgan_weights(module: nn.Module) -> None:
-    """DCGAN init: conv weights N(0, 0.02); BatchNorm weight N(1, 0.02) and bias 0."""
+def init_weights(module: nn.Module, init: Init = "normal") -> None:
+    """Conv weights N(0, 0.02) (DCGAN) or Xavier/Glorot uniform; BatchNorm weight N(1, 0.02) and
+    bias 0."""
     if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-        nn.init.normal_(module.weight, 0.0, 0.02)
+        if init == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):
@@ -89,15 +134,30 @@ def init_dcgan_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def sample_latents(
+    config: ModelConfig,
+    count: int,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`count` latents [count, z_dim] from the model's z distribution: N(0, 1), or U[-1, 1].
+    `generator` must live on `device` (draw on the CPU and move, for the same z everywhere)."""
+    shape, where = (count, config.z_dim), {"device": device, "generator": generator}
+    if config.z_distribution == "uniform":
+        return torch.rand(shape, **where).mul_(2).sub_(1)
+    return torch.randn(shape, **where)
+
+
 class Generator(nn.Module):
-    """z [B, z_dim] -> image [B, 3, R, R] in [-1, 1]."""
+    """z [B, z_dim] -> image [B, C, R, R] in [-1, 1] (C = config.channels)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         widths = _widths(config.g_channels, config.num_stages)
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(config.z_dim, widths[0], 4, 1, 0, bias=False),
+            nn.ConvTranspose2d(config.z_dim, widths[0], config.base, 1, 0, bias=False),
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         ]
@@ -107,29 +167,37 @@ class Generator(nn.Module):
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
             ]
-        layers += [nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
-        self.apply(init_dcgan_weights)
+        self.apply(lambda module: init_weights(module, config.init))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z.reshape(z.shape[0], self.config.z_dim, 1, 1))
 
+    @classmethod
+    def from_pretrained(cls, folder_or_repo_id, *, revision: str | None = None) -> Generator:
+        """G in eval mode from a distgan model folder (a run's hub/) or a Hugging Face Hub repo
+        id holding one (downloaded and cached); see distgan/hub.py."""
+        from distgan.hub import load_pretrained  # here: this module stays plain torch
+
+        return load_pretrained(folder_or_repo_id, revision=revision)
+
 
 class Discriminator(nn.Module):
-    """image [B, 3, R, R] -> one logit per image [B]. No sigmoid: the losses take logits."""
+    """image [B, C, R, R] -> one logit per image [B]. No sigmoid: the losses take logits."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         widths = list(reversed(_widths(config.d_channels, config.num_stages)))
-        convs = [nn.Conv2d(3, widths[0], 4, 2, 1, bias=False)]
+        convs = [nn.Conv2d(config.channels, widths[0], 4, 2, 1, bias=False)]
         convs += [
             nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False)
             for c_in, c_out in zip(widths, widths[1:], strict=False)
         ]
-        head = nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)
+        head = nn.Conv2d(widths[-1], 1, config.base, 1, 0, bias=False)
         for conv in [*convs, head]:
-            init_dcgan_weights(conv)
+            init_weights(conv, config.init)
 
         def maybe_sn(conv: nn.Conv2d) -> nn.Module:
             return spectral_norm(conv) if config.d_spectral_norm else conv
@@ -139,7 +207,7 @@ class Discriminator(nn.Module):
             layers.append(maybe_sn(conv))
             if i > 0:  # DCGAN: no BatchNorm on D's input layer
                 bn = nn.BatchNorm2d(conv.out_channels)
-                init_dcgan_weights(bn)
+                init_weights(bn)
                 layers.append(bn)
             layers.append(nn.LeakyReLU(config.leaky_slope, inplace=True))
             if config.d_dropout > 0:

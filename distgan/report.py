@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
@@ -17,13 +18,17 @@ from torchvision.utils import make_grid  # noqa: E402
 from distgan.files import write_atomically  # noqa: E402
 
 
-def save_grid(images: torch.Tensor, path: str | Path) -> None:
-    """Save images in [-1, 1], NCHW, as one square-ish PNG grid."""
+def save_grid(images: torch.Tensor, path: str | Path) -> np.ndarray:
+    """Save images in [-1, 1], NCHW, as one square-ish PNG grid: RGB for 3 channels, gray (mode
+    L) for 1."""
     nrow = math.ceil(math.sqrt(images.shape[0]))
     images = images.detach().float().cpu()
     grid = make_grid(images, nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    if images.shape[1] == 1:  # make_grid repeats one channel into three: save one, as mode L
+        pixels = pixels[..., 0]
     write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+    return pixels  # as saved: HxWx3, or HxW for gray
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +26,7 @@ from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from distgan import metrics
+from distgan.augment import Augment
 from distgan.checkpoint import (
     TrainerState,
     clean_unfinished,
@@ -36,16 +37,20 @@ from distgan.checkpoint import (
     save_generator,
 )
 from distgan.config import Config, TrainConfig, load_toml, make_config, parse_args, resume_config
-from distgan.data import ImageLoader, prepare_images
+from distgan.data import ImageLoader, prepare_images, resolve_channels
 from distgan.ema import EMA
 from distgan.env import require_one_dali_build, require_usable_cuda
 from distgan.errors import RunStopped, UserError, require_writable_dir
 from distgan.faces import default_cache_dir
 from distgan.files import write_json_atomically
+from distgan.hub import save_at_end
+from distgan.launch_env import LauncherPrecision, launcher_precision
 from distgan.losses import d_loss, g_loss, gradient_penalty
-from distgan.models import Discriminator, Generator, ModelConfig
+from distgan.models import Discriminator, Generator, ModelConfig, sample_latents
+from distgan.pretrained import StartingWeights, config_from_source, read_starting_weights
 from distgan.report import append_jsonl, plot_losses, save_grid
 from distgan.signals import STOP_SIGNALS, die_with_parent, ignored
+from distgan.tracking import Tracking, make_trackers
 
 # Its own signal: the kernel may send it while the dying launcher is still our parent, so the
 # signal itself, not getppid(), must say what happened.
@@ -76,21 +81,56 @@ def gpu_precision() -> str:
     return "fp16" if major >= 7 else "no"
 
 
-def resolve_mixed_precision(requested: str) -> str:
-    """The precision to run: `auto` takes the launcher's choice if it made one (other than "no"),
-    else what the hardware computes fastest (bf16 or fp16 where native), else full fp32."""
+def native_precision() -> str:
+    """What this machine computes fastest: bf16 or fp16 where native, else no (fp32)."""
+    if torch.cuda.is_available():
+        return gpu_precision()
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+class Precision(NamedTuple):
+    """The mixed precision a run trains in, and who chose it (for the start-up line)."""
+
+    name: str  # no, fp16 or bf16
+    why: str
+
+
+def choose_precision(requested: str, launcher: LauncherPrecision | None = None) -> Precision:
+    """The precision to run: --mixed-precision if it names one; for `auto`, the launcher's choice
+    if it made one (its `--mixed_precision`, or its config file: see distgan/launch_env.py), else
+    what the hardware computes fastest (bf16, or fp16 on tensor-core GPUs without bf16), else
+    fp32. `launcher` defaults to what this process's launcher was given."""
     has_cuda = torch.cuda.is_available()
-    if requested == "auto":
-        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if launcher != "no":
-            requested = launcher
-        elif has_cuda:
-            requested = gpu_precision()
-        else:
-            requested = "bf16" if cpu_has_native_bf16() else "no"
+    launcher = launcher_precision() if launcher is None else launcher
+    if requested != "auto":
+        overruled = launcher.choice not in (None, requested)
+        why = f"--mixed-precision, over {launcher.source}" if overruled else "--mixed-precision"
+    elif launcher.choice is not None:
+        requested, why = launcher.choice, f"auto: {launcher.source}"
+    else:
+        requested = native_precision()
+        over = f", over {launcher.source}" if launcher.source else ""
+        why = f"auto: native here{over}; --mixed-precision no for fp32"
+        if requested == "no":
+            why = "auto: no native bf16 or fp16 here"
     if requested == "fp16" and not has_cuda:
-        raise UserError("mixed_precision=fp16 needs a CUDA GPU and none was found: use bf16 or no")
-    return requested
+        raise UserError(
+            f"mixed_precision=fp16 needs a CUDA GPU and none was found ({why}): use bf16 or no"
+        )
+    return Precision(requested, why)
+
+
+def resumed_precision(chosen: Precision, trained_in: str) -> Precision:
+    """`auto` on resume goes on in the checkpoint's precision: what auto picks can change under
+    a run (another launcher line, a requeued job's older script), and a run resumes as trained."""
+    if chosen.name == trained_in:
+        return chosen
+    return Precision(trained_in, f"auto: the checkpoint's; auto would pick {chosen.name} now")
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """The precision `choose_precision` picks, by name."""
+    return choose_precision(requested).name
 
 
 def configure_kernels(deterministic: bool) -> None:
@@ -151,6 +191,7 @@ def resume(accelerator, checkpoint: Path, saved: TrainerState, gan: GAN, tc, cha
         )
     state = load_checkpoint(accelerator, checkpoint, gan.ema)  # RNG states included
     gan.set_learning_rates(tc, state.lr_scale)
+    gan.augment.restore(state.aug_p)
     if changes.keys() & {"eval_features", "eval_real_num"}:  # FIDs now measured another way
         state.best_fid = state.best_step = None
     state.precision, state.global_batch = precision, global_batch
@@ -311,6 +352,8 @@ class Agreement(NamedTuple):
     longest_streak: int  # of consecutive skipped steps
     buffers_finite: bool  # G's BatchNorm statistics, on every process
     stop: str | None  # why the run stops here, or None
+    real_sign_sum: float  # sum of sign(D(real)) since the last gate, all processes (ada only)
+    real_count: int  # how many logits that sum has
 
 
 class StepResult(NamedTuple):
@@ -323,9 +366,12 @@ class StepResult(NamedTuple):
     skipped: torch.Tensor  # 1.0 if the step was skipped for non-finite gradients, else 0.0
 
 
-def agree(accelerator: Accelerator, out: StepResult, watch: NonfiniteWatch, generator, stop):
-    """The gate's one collective: every process's logged numbers, non-finite counts and stop
-    request, gathered; then every process derives the same Agreement from the same table."""
+def agree(
+    accelerator: Accelerator, out: StepResult, watch: NonfiniteWatch, generator, stop, augment
+):
+    """The gate's one collective: every process's logged numbers, non-finite counts, stop
+    request and ADA sums, gathered; then every process derives the same Agreement from the same
+    table."""
     local = torch.stack(
         [
             out.loss_d.detach().float(),
@@ -334,14 +380,17 @@ def agree(accelerator: Accelerator, out: StepResult, watch: NonfiniteWatch, gene
             torch.sigmoid(out.fake_logits.detach().float()).mean(),
             *watch.counts(generator),
             torch.tensor(float(stop.reason is not None), device=out.loss_d.device),
+            *augment.counts(),
         ]
     )
-    table = accelerator.gather(local[None]).cpu()  # [processes, 8]
-    means, worst = table[:, :4].mean(0).tolist(), table[:, 4:].amax(0).tolist()
+    table = accelerator.gather(local[None]).cpu()  # [processes, 10]
+    means, worst = table[:, :4].mean(0).tolist(), table[:, 4:8].amax(0).tolist()
+    real_sign_sum, real_count = table[:, 8:].sum(0).tolist()
     stop_reason = None
     if worst[3]:
         stop_reason = stop.reason or "a signal to another process"
-    return Agreement(*means, int(worst[0]), int(worst[1]), not worst[2], stop_reason)
+    counts = (int(worst[0]), int(worst[1]), not worst[2])
+    return Agreement(*means, *counts, stop_reason, real_sign_sum, int(real_count))
 
 
 def nonfinite(module: torch.nn.Module) -> torch.Tensor:
@@ -382,6 +431,7 @@ class GAN:
     opt_d: torch.optim.Optimizer
     generator_core: Generator
     ema: EMA
+    augment: Augment  # what D sees, and ADA's p
 
     def set_learning_rates(self, tc: TrainConfig, scale: float) -> None:
         for optimizer, base in ((self.opt_g, tc.lr_g), (self.opt_d, tc.lr_d)):
@@ -389,10 +439,16 @@ class GAN:
                 group["lr"] = base * scale
 
 
-def build_gan(accelerator: Accelerator, model_cfg: ModelConfig, tc: TrainConfig) -> GAN:
+def build_gan(
+    accelerator: Accelerator,
+    model_cfg: ModelConfig,
+    tc: TrainConfig,
+    start: StartingWeights | None = None,
+) -> GAN:
     """The same initial G and D on every process (DDP also broadcasts them), in the memory layout
     chosen, with fused Adam: one kernel per step, and it skips a step on the device when told its
-    gradients are not finite (`found_inf`)."""
+    gradients are not finite (`found_inf`). `start` (--init-from): the weights G, D and the EMA
+    start from instead of the init."""
     set_seed(tc.seed)
     generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
     if tc.sync_bn and accelerator.num_processes > 1:
@@ -403,6 +459,13 @@ def build_gan(accelerator: Accelerator, model_cfg: ModelConfig, tc: TrainConfig)
     discriminator.to(memory_format=layout)
     ema = EMA(generator, tc.ema_decay)
     ema.module.to(accelerator.device)
+    if start is not None:
+        start.load_into(generator, discriminator, ema.module)
+        # Each process read the source itself (a run still training may have moved on between
+        # reads): DDP copies G and D from process 0 in `prepare`, and the EMA is copied here.
+        if accelerator.num_processes > 1:
+            for tensor in [*ema.module.parameters(), *ema.module.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
     betas = (tc.beta1, tc.beta2)
     opt_g = torch.optim.Adam(generator.parameters(), lr=tc.lr_g, betas=betas, fused=True)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.lr_d, betas=betas, fused=True)
@@ -412,7 +475,10 @@ def build_gan(accelerator: Accelerator, model_cfg: ModelConfig, tc: TrainConfig)
     if tc.compile:  # around DDP, as PyTorch advises: the graph is split at gradient buckets
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
     models = {"generator": generator, "discriminator": discriminator}
-    return GAN(**models, opt_g=opt_g, opt_d=opt_d, generator_core=generator_core, ema=ema)
+    augment = Augment(tc.augment, target=tc.ada_target, kimg=tc.ada_kimg, device=accelerator.device)
+    return GAN(
+        **models, opt_g=opt_g, opt_d=opt_d, generator_core=generator_core, ema=ema, augment=augment
+    )
 
 
 def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0) -> StepResult:
@@ -421,16 +487,20 @@ def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0
     generator, discriminator = gan.generator, gan.discriminator
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     real = real.contiguous(memory_format=layout)
-    z = torch.randn(real.shape[0], gan.generator_core.config.z_dim, device=real.device)
+    z = sample_latents(gan.generator_core.config, real.shape[0], device=real.device)
     fake = generator(z)
 
-    # D step: real and fake losses summed, one backward. fake is detached: no G grads.
+    # D step: real and fake losses summed, one backward. fake is detached: no G grads. D sees
+    # every image through the augmentation (none: the images themselves).
     discriminator.requires_grad_(True)
-    real_logits = discriminator(real)
-    fake_logits = discriminator(fake.detach())
+    real_seen, fake_seen = gan.augment(real), gan.augment(fake.detach())
+    real_logits = discriminator(real_seen)
+    fake_logits = discriminator(fake_seen)
+    gan.augment.record(real_logits)
     loss_d = d_loss(tc.loss, real_logits, fake_logits, tc.real_label) * poison
     if tc.loss == "wgan-gp":
-        penalty = gradient_penalty(discriminator, real, fake, accelerator.scaler)
+        # D is kept 1-Lipschitz where it is trained: between the images it sees.
+        penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler)
         loss_d = loss_d + tc.gp_weight * penalty
     gan.opt_d.zero_grad(set_to_none=True)
     accelerator.backward(loss_d)
@@ -441,7 +511,7 @@ def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0
 
     # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
     discriminator.requires_grad_(False)
-    loss_g = g_loss(tc.loss, discriminator(fake)) * poison
+    loss_g = g_loss(tc.loss, discriminator(gan.augment(fake))) * poison
     gan.opt_g.zero_grad(set_to_none=True)
     accelerator.backward(loss_g)
     if not scaled:
@@ -470,6 +540,7 @@ class Run:
     out_dir: Path
     progress: tqdm
     fixed_z: torch.Tensor
+    tracking: Tracking
     extractor: metrics.FeatureExtractor | None = None
     real_stats: metrics.Stats | None = None
 
@@ -490,10 +561,12 @@ class Run:
         if self.is_main:
             self.progress.write(line)
 
-    def log_metrics(self, values: dict) -> None:
-        """A line of metrics.jsonl, from the main process."""
+    def log_metrics(self, values: dict, section: str = "train") -> None:
+        """A line of metrics.jsonl, from the main process; its numbers go to the trackers, named
+        `section`/key."""
         if self.is_main:
             append_jsonl(self.metrics_path, values)
+            self.tracking.log(values, section)
 
 
 def gate_due(tc: TrainConfig, step: int) -> bool:
@@ -523,6 +596,7 @@ def log_step(run: Run, state, verdict: Agreement, speed: Throughput, watch: Nonf
             "lr_g": run.gan.opt_g.param_groups[0]["lr"],
             "lr_d": run.gan.opt_d.param_groups[0]["lr"],
             "skipped_steps": verdict.skipped_steps,
+            **run.gan.augment.metrics(),
             "wall_time": speed.wall_time(),
         }
     )
@@ -555,7 +629,9 @@ def rollback_or_stop(run: Run, state: TrainerState, verdict: Agreement, watch: N
     restored.lr_scale = state.lr_scale * tc.rollback_lr_factor
     restored.best_fid, restored.best_step = state.best_fid, state.best_step  # best/ holds it
     run.gan.set_learning_rates(tc, restored.lr_scale)
+    run.gan.augment.restore(restored.aug_p)
     event = {"event": "rollback", "reason": why, "checkpoint": Path(good).name}
+    run.tracking.rewind(restored.step)
     run.log_metrics({"step": restored.step, **event, "lr_scale": restored.lr_scale})
     run.say(f"{why}: rolled back to {Path(good).name}, learning rates x{restored.lr_scale:g}")
     run.progress.n = restored.step
@@ -583,7 +659,7 @@ def evaluate_ema(run: Run, state: TrainerState, last: bool) -> None:
             )
     result["eval_seconds"] = result.pop("seconds")
     best = {"best_fid": state.best_fid, "best_step": state.best_step}
-    run.log_metrics({"step": state.step, **result, **best})
+    run.log_metrics({"step": state.step, **result, **best}, section="eval")
     run.say(
         f"step {state.step}: FID {result['fid']:.3f} KID {result['kid_mean']:.5f} (best FID "
         f"{state.best_fid:.3f} at step {state.best_step}; {run.extractor.name}, "
@@ -597,7 +673,8 @@ def write_samples(run: Run, state: TrainerState, last: bool) -> None:
         return
     with torch.no_grad():
         samples = run.gan.ema.module(run.fixed_z)
-    save_grid(samples, run.out_dir / "samples" / f"step-{state.step:08d}.png")
+    pixels = save_grid(samples, run.out_dir / "samples" / f"step-{state.step:08d}.png")
+    run.tracking.log_image("samples", pixels, state.step)
     plot_losses(run.metrics_path, run.out_dir / "losses.png")
 
 
@@ -606,7 +683,7 @@ def checkpoint_if_due(run: Run, state: TrainerState, speed: Throughput, now: boo
     tc = run.cfg.train
     if not (state.step % tc.ckpt_every == 0 or now):
         return
-    state.wall_time = speed.wall_time()
+    state.wall_time, state.aug_p = speed.wall_time(), run.gan.augment.p
     save_checkpoint(run.accelerator, run.checkpoints, run.gan.ema, state, keep=tc.keep_checkpoints)
 
 
@@ -631,6 +708,7 @@ def finish(run: Run, state: TrainerState, stop: StopRequest, stopped_by: str | N
             processes = accelerator.num_processes
             print(f"weights identical on all {processes} processes (G, D, EMA G)", flush=True)
         save_generator(out_dir, run.gan.ema.module, step=state.step, images_seen=state.images_seen)
+        save_at_end(out_dir, run.gan.ema.module, run.cfg, state)  # hub/: the Hub model folder
         generator_file = out_dir / "generator.safetensors"
         print(
             f"done: step {state.step}, samples in {out_dir / 'samples'}, generator "
@@ -677,8 +755,8 @@ def build_cache(loader: ImageLoader, log) -> None:
     log(f"decoded-image cache: {len(loader.files)} images, {where}")
 
 
-def make_accelerator(tc: TrainConfig) -> Accelerator:
-    """Accelerate's processes, DDP and autocast as the config says."""
+def make_accelerator(tc: TrainConfig, mixed_precision: str) -> Accelerator:
+    """Accelerate's processes, DDP and autocast (in `mixed_precision`) as the config says."""
     # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which Accelerate's kwargs
     # handler cannot pass yet; its own text says to keep broadcast_buffers=False for local buffers.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
@@ -688,10 +766,12 @@ def make_accelerator(tc: TrainConfig) -> Accelerator:
         DistributedDataParallelKwargs(broadcast_buffers=False),
         InitProcessGroupKwargs(timeout=timedelta(seconds=tc.dist_timeout)),
     ]
+    trackers = make_trackers(tc.report_to, Path(tc.out_dir))  # started on the main process
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(tc.mixed_precision),
+        mixed_precision=mixed_precision,
         cpu=not torch.cuda.is_available(),  # without it, CPU processes would not form a group
         kwargs_handlers=handlers,
+        log_with=trackers or None,  # an empty list makes Accelerate warn of missing trackers
     )
 
 
@@ -714,6 +794,7 @@ def prepare_fid(run: Run, files: list[str]) -> None:
         batch_size=tc.batch_size,
         num_threads=dc.num_threads,
         device_id=run.loader.device_id,
+        channels=run.cfg.model.channels,
     )
 
 
@@ -727,32 +808,44 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     require_usable_cuda()  # else a GPU node would silently train as CPU processes
     require_one_dali_build()
     resume_from = find_resume_point(cfg.train.resume, out_dir / "checkpoints")
-    changes, note = {}, ""
+    changes, note, start = {}, "", None
     if resume_from is not None:  # the run's own settings, with what may change changed
         saved = read_trainer_state(resume_from)
         cfg, changes, note = config_for_resume(cfg, resume_from, saved.model)
+    elif cfg.train.init_from:  # a new run from trained weights (a resume goes on from its own)
+        start = read_starting_weights(cfg.train.init_from)
+        cfg, note = config_from_source(cfg, start), start.describe()
     tc, dc, model_cfg = cfg.train, cfg.data, cfg.model
     configure_kernels(tc.deterministic)
     if tc.sync_bn and not torch.cuda.is_available():
         raise UserError(
             "sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernels): drop --sync-bn"
         )
-    accelerator = make_accelerator(tc)
+    chosen = choose_precision(tc.mixed_precision)
+    if resume_from is not None and tc.mixed_precision == "auto" and saved.precision:
+        chosen = resumed_precision(chosen, saved.precision)
+    accelerator = make_accelerator(tc, chosen.name)
     device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
         require_writable_dir(out_dir, "out_dir")
         clean_unfinished(out_dir / "checkpoints")  # staging folders of a crash: never resumed
     accelerator.wait_for_everyone()
+    # Before the data: W&B may refuse to start.
+    tracking = Tracking(accelerator, cfg, start_step=saved.step if resume_from is not None else 0)
 
     data_dir, files = prepare_images(accelerator, dc, model_cfg.resolution, out_dir)
+    if resume_from is None and start is None:  # a checkpoint's or source's model has its own
+        channels = resolve_channels(accelerator, dc.channels, files)
+        cfg = replace(cfg, model=replace(model_cfg, channels=channels))
+        model_cfg = cfg.model
     loader = ImageLoader.for_run(files, cfg, accelerator)
     if dc.decoded_cache == "auto":
         build_cache(loader, accelerator.print)
     global_batch = tc.batch_size * accelerator.num_processes
     total_steps = tc.max_steps or tc.epochs * loader.steps_per_epoch
-    gan = build_gan(accelerator, model_cfg, tc)
+    gan = build_gan(accelerator, model_cfg, tc, start)
     seeded = torch.Generator().manual_seed(tc.seed)
-    fixed_z = torch.randn(tc.num_samples, model_cfg.z_dim, generator=seeded).to(device)
+    fixed_z = sample_latents(model_cfg, tc.num_samples, generator=seeded).to(device)
     if resume_from is not None:
         state = resume(accelerator, resume_from, saved, gan, tc, changes)
     else:
@@ -763,7 +856,7 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
         set_seed(tc.seed + accelerator.process_index)  # each process draws its own z
     progress = progress_bar(total_steps, state.step, enabled=is_main)
     parts = {"cfg": cfg, "gan": gan, "loader": loader, "progress": progress, "fixed_z": fixed_z}
-    run = Run(accelerator=accelerator, out_dir=out_dir, **parts)
+    run = Run(accelerator=accelerator, out_dir=out_dir, tracking=tracking, **parts)
     prepare_fid(run, files)
 
     if is_main:
@@ -774,7 +867,8 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
         print(
             f"distgan: {accelerator.num_processes} process(es) on {device.type}, batch "
             f"{tc.batch_size}/process (global {global_batch}), precision "
-            f"{accelerator.mixed_precision}, {len(files)} images in {data_dir}, "
+            f"{accelerator.mixed_precision} ({chosen.why}), {len(files)} images in {data_dir}"
+            f"{' (as grayscale)' if model_cfg.channels == 1 else ''}, "
             f"{loader.steps_per_epoch} steps/epoch, steps {state.step} -> {total_steps}, "
             f"output {out_dir}",
             flush=True,
@@ -801,7 +895,8 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
                 if not (last or gate_due(tc, state.step)):
                     continue
 
-                verdict = agree(accelerator, out, watch, gan.generator_core, stop)
+                verdict = agree(accelerator, out, watch, gan.generator_core, stop, gan.augment)
+                gan.augment.adjust(verdict.real_sign_sum, verdict.real_count)
                 log_step(run, state, verdict, speed, watch, last)
                 restored = rollback_or_stop(run, state, verdict, watch)
                 if restored is not None:

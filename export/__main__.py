@@ -29,23 +29,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="half-precision weights and compute (input and output stay float32)",
     )
 
-    gen = commands.add_parser("generate", help="write generated images (onnxruntime only)")
-    gen.add_argument("--model", required=True, help="the exported .onnx file")
-    gen.add_argument("--num", type=int, required=True, help="how many images")
-    gen.add_argument("--batch-size", type=int, default=64, help="images per run (default 64)")
-    gen.add_argument("--out-dir", required=True, help="folder for 000000.png, 000001.png, ...")
-    gen.add_argument("--grid", help="also write a grid of the first 64 images to this PNG")
-    gen.add_argument("--seed", type=int, default=0, help="latent seed: same seed, same images")
-    gen.add_argument(
-        "--truncation",
-        type=float,
-        help="redraw latent components beyond +-T (e.g. 0.7: more typical faces)",
+    gen = commands.add_parser(
+        "generate",
+        help="write generated images (onnxruntime only)",
+        description="Write one PNG per seed (onnxruntime, numpy and Pillow only). Each image's z "
+        "comes from its seed alone, so a face is the same at any batch size and in the web page; "
+        "z is N(0, 1) or U[-1, 1] as the model was trained (its metadata says which), and "
+        "grayscale models give grayscale PNGs.",
     )
+    gen.add_argument("--model", required=True, help="the exported .onnx file")
+    gen.add_argument(
+        "--seeds",
+        metavar="SPEC",
+        help="seeds and inclusive ranges, e.g. 0-35,100: writes seed0000.png ... seed0035.png, "
+        "seed0100.png",
+    )
+    gen.add_argument(
+        "--num",
+        type=int,
+        metavar="N",
+        help="instead of --seeds: N images of seeds --seed, --seed + 1, ..., written as "
+        "000000.png, 000001.png, ...",
+    )
+    gen.add_argument("--batch-size", type=int, default=64, help="images per run (default 64)")
+    gen.add_argument("--out-dir", required=True, help="folder for the PNGs")
+    gen.add_argument("--grid", help="also write a grid of the first 64 images to this PNG")
+    gen.add_argument("--seed", type=int, help="with --num: the first seed (default 0)")
+    gen.add_argument(
+        "--truncation-psi",
+        type=float,
+        default=1.0,
+        metavar="PSI",
+        help="StyleGAN's truncation: z * PSI, towards the mean z (1 = none, the default; "
+        "0.7: more typical faces; 0: the mean face)",
+    )
+    gen.add_argument(
+        "--truncation-threshold",
+        type=float,
+        metavar="T",
+        help="redraw z components beyond +-T from the seed's stream (e.g. 1.5)",
+    )
+    gen.add_argument("--truncation", type=float, help=argparse.SUPPRESS)  # renamed: see main()
     gen.add_argument(
         "--interpolate",
         type=int,
         metavar="K",
-        help="also write a K-frame latent interpolation (PNG strip and GIF)",
+        help="also write a K-frame latent walk from the first seed to the last "
+        "(interpolation.png and interpolation.gif)",
     )
     gen.add_argument("--z-dim", type=int, help="latent size, for models without distgan metadata")
     gen.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
@@ -76,16 +106,24 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"wrote {args.out}")
         elif args.command == "generate":
-            from export.generate import generate
+            from export.generate import generate, select_seeds
 
+            if args.truncation is not None:  # StyleGAN users would read it as psi: say which
+                raise UserError(
+                    f"--truncation is ambiguous and was renamed: --truncation-threshold "
+                    f"{args.truncation} redraws z components beyond +-T (what --truncation did), "
+                    f"--truncation-psi {args.truncation} scales z towards the mean (StyleGAN's)"
+                )
+            seeds, names = select_seeds(args.seeds, args.num, args.seed)
             paths = generate(
                 args.model,
-                args.num,
+                seeds,
                 args.batch_size,
                 args.out_dir,
+                names=names,
                 grid=args.grid,
-                seed=args.seed,
-                truncation=args.truncation,
+                truncation_psi=args.truncation_psi,
+                truncation_threshold=args.truncation_threshold,
                 interpolate=args.interpolate,
                 z_dim=args.z_dim,
                 device=args.device,

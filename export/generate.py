@@ -1,8 +1,9 @@
 """`python -m export generate`: faces in bulk from an exported generator.
 
-onnxruntime, numpy and Pillow only: no torch, so it runs wherever onnxruntime does. Batches run
-on the GPU with IO binding when there is one; PNGs are written by a thread pool while the next
-batch is generated.
+onnxruntime, numpy and Pillow only: no torch, so it runs wherever onnxruntime does. Each image is
+drawn from its own seed (export/latents.py), so any face can be made again alone at any batch
+size. Batches run on the GPU with IO binding when there is one; PNGs are written by a thread pool
+while the next batch is generated.
 """
 
 from __future__ import annotations
@@ -18,20 +19,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from distgan.errors import UserError, first_line, require_writable_dir
-from export.runtime import UINT8_OUTPUT, create_session, model_info, session_device
-
-
-def latents(num: int, z_dim: int, seed: int, truncation: float | None = None) -> np.ndarray:
-    """`num` latents from N(0, 1), the same for the same seed. With `truncation` T, components
-    beyond +-T are redrawn (the truncation trick: fewer, more typical faces)."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((num, z_dim), dtype=np.float32)
-    if truncation is not None:
-        outside = np.abs(z) > truncation
-        while outside.any():
-            z[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
-            outside = np.abs(z) > truncation
-    return z
+from export.latents import MAX_SEED, check_truncation, latents, parse_seeds
+from export.runtime import create_session, model_info, session_device
 
 
 def slerp(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
@@ -44,11 +33,50 @@ def slerp(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
     return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
 
 
-def to_pixels(images: np.ndarray, output_format: str) -> np.ndarray:
-    """Model output -> uint8 [B, H, W, 3]."""
-    if output_format == UINT8_OUTPUT:
-        return images
-    return np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+def interpolate_latents(a: np.ndarray, b: np.ndarray, steps: int, distribution: str) -> np.ndarray:
+    """Normal latents go along the great circle; uniform ones in a straight line, which stays in
+    their cube."""
+    if distribution == "normal":
+        return slerp(a, b, steps)
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
+    return (1 - t) * a + t * b
+
+
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """Model output (float32 NCHW in [-1, 1], or uint8 NHWC) -> uint8 [B, H, W, 3] for RGB,
+    [B, H, W] for grayscale: what Pillow saves as an RGB or an "L" image."""
+    if images.dtype != np.uint8:  # float32 NCHW in [-1, 1]
+        levels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        images = levels.transpose(0, 2, 3, 1)
+    return images[..., 0] if images.shape[-1] == 1 else images
+
+
+def select_seeds(
+    seeds: str | None, num: int | None, seed: int | None
+) -> tuple[list[int], list[str]]:
+    """The seeds to draw and each one's file name: `--seeds 0-35,100` writes seed0000.png, ...,
+    seed0100.png; `--num N [--seed S]` writes 000000.png ... for seeds S, S + 1, ... (S = 0)."""
+    if seeds is not None:
+        if num is not None or seed is not None:
+            given = "--num" if num is not None else "--seed"
+            raise UserError(f"{given} and --seeds do not go together: --seeds names every seed")
+        chosen = parse_seeds(seeds)
+        return chosen, [seed_file_name(s) for s in chosen]
+    if num is None:
+        raise UserError("say which images: --seeds 0-35,100 (one PNG per seed) or --num N")
+    if num < 1:
+        raise UserError(f"--num {num} is not allowed: ask for at least 1 image")
+    first = 0 if seed is None else seed
+    if first < 0 or first + num - 1 > MAX_SEED:
+        raise UserError(
+            f"--seed {first} with --num {num} asks for seeds {first} .. {first + num - 1}: "
+            f"seeds are 0 .. {MAX_SEED}"
+        )
+    return list(range(first, first + num)), [f"{i:06d}.png" for i in range(num)]
+
+
+def seed_file_name(seed: int) -> str:
+    return f"seed{seed:04d}.png"  # as StyleGAN's gen_images.py names them
 
 
 class Runner:
@@ -81,10 +109,11 @@ class Runner:
 
 
 def save_grid(pixels: np.ndarray, path: Path, columns: int | None = None) -> None:
-    count, height, width, _ = pixels.shape
+    count, height, width = pixels.shape[:3]
     columns = columns or int(np.ceil(np.sqrt(count)))
     rows = -(-count // columns)
-    grid = np.zeros((rows * (height + 2) + 2, columns * (width + 2) + 2, 3), np.uint8)
+    size = (rows * (height + 2) + 2, columns * (width + 2) + 2)
+    grid = np.zeros(size + pixels.shape[3:], np.uint8)  # [..., 3] RGB or grayscale
     for i, image in enumerate(pixels):
         top, left = 2 + (i // columns) * (height + 2), 2 + (i % columns) * (width + 2)
         grid[top : top + height, left : left + width] = image
@@ -93,27 +122,32 @@ def save_grid(pixels: np.ndarray, path: Path, columns: int | None = None) -> Non
 
 def generate(
     model: str | Path,
-    num: int,
+    seeds: list[int],
     batch_size: int,
     out_dir: str | Path,
     *,
+    names: list[str] | None = None,
     grid: str | Path | None = None,
-    seed: int = 0,
-    truncation: float | None = None,
+    truncation_psi: float = 1.0,
+    truncation_threshold: float | None = None,
     interpolate: int | None = None,
     z_dim: int | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> list[Path]:
-    """Write `num` PNGs (000000.png, ...) to `out_dir`; optionally a grid and an interpolation."""
-    if num < 1:
-        raise UserError(f"--num {num} is not allowed: ask for at least 1 image")
+    """Write one PNG per seed to `out_dir` (`names`, else seed0000.png, ...): image i comes from
+    the z of seeds[i] alone. Optionally a grid of the first 64, and an interpolation from the
+    first seed's z to the last's."""
+    names = names or [seed_file_name(s) for s in seeds]
+    if not seeds or len(names) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds and {len(names)} file names")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} is not allowed: use 1 or more")
-    if truncation is not None and truncation <= 0:
-        raise UserError(f"--truncation {truncation} is not allowed: use a value > 0 (e.g. 0.7)")
+    check_truncation(truncation_psi, truncation_threshold)
     if interpolate is not None and interpolate < 2:
         raise UserError(f"--interpolate {interpolate} is not allowed: use 2 or more frames")
+    if interpolate is not None and len(seeds) < 2:
+        raise UserError("--interpolate walks from the first seed to the last: give two or more")
     out_dir = Path(out_dir)
     session = create_session(model, device)
     info = model_info(session, z_dim)
@@ -121,14 +155,19 @@ def generate(
     run = Runner(session)
     if progress:  # what really runs: "auto" falls back to the CPU when CUDA does not load
         print(f"onnxruntime: {session.get_providers()[0]}", file=sys.stderr)
-    z_all = latents(num, info.z_dim, seed, truncation)
-    paths = [out_dir / f"{i:06d}.png" for i in range(num)]
+    truncation = dict(psi=truncation_psi, threshold=truncation_threshold)
+
+    def z_of(chosen: list[int]) -> np.ndarray:
+        return latents(chosen, info.z_dim, info.z_distribution, **truncation)
+
+    num = len(seeds)
+    paths = [out_dir / name for name in names]
     grid_pixels = []
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as writers:
         pending: list[Future] = []
         for first in range(0, num, batch_size):
-            pixels = to_pixels(run(z_all[first : first + batch_size]), info.output_format)
+            pixels = to_pixels(run(z_of(seeds[first : first + batch_size])))
             pending += [
                 writers.submit(Image.fromarray(image).save, paths[first + k])
                 for k, image in enumerate(pixels)
@@ -148,8 +187,9 @@ def generate(
     if grid:
         save_grid(np.concatenate(grid_pixels), Path(grid))
     if interpolate:
-        ends = latents(2, info.z_dim, seed + 1, truncation)
-        frames = to_pixels(run(slerp(ends[0], ends[1], interpolate)), info.output_format)
+        ends = z_of([seeds[0], seeds[-1]])
+        walk = interpolate_latents(ends[0], ends[1], interpolate, info.z_distribution)
+        frames = to_pixels(run(walk))
         save_grid(frames, out_dir / "interpolation.png", columns=interpolate)
         loop = [Image.fromarray(f) for f in np.concatenate([frames, frames[-2:0:-1]])]  # ping-pong
         animation = dict(save_all=True, append_images=loop[1:], duration=80, loop=0)

@@ -17,7 +17,7 @@ from distgan import __version__
 from distgan.checkpoint import GENERATOR_WEIGHTS, load_generator
 from distgan.errors import UserError, first_line
 from distgan.files import write_atomically
-from distgan.models import Generator
+from distgan.models import Generator, sample_latents
 from export.runtime import (
     FLOAT_OUTPUT,
     UINT8_OUTPUT,
@@ -45,8 +45,9 @@ def fold_batchnorm(generator: Generator) -> nn.Sequential:
 
 
 class InferenceGenerator(nn.Module):
-    """What the ONNX graph computes: z [B, z_dim] float32 -> image, float32 [B, 3, H, W] in [-1, 1]
-    or, with `uint8`, [B, H, W, 3] uint8 pixels ready to save. `half` computes in fp16 inside."""
+    """What the ONNX graph computes: z [B, z_dim] float32 -> image, float32 [B, C, H, W] in [-1, 1]
+    or, with `uint8`, [B, H, W, C] uint8 pixels ready to save (C: 3 RGB, or 1 gray). `half`
+    computes in fp16 inside."""
 
     def __init__(self, generator: Generator, *, uint8: bool = False, half: bool = False):
         super().__init__()
@@ -92,12 +93,12 @@ def export_onnx(
         raise UserError(f"--out folder {out_path.parent} does not exist: create it first")
     precision = "fp16" if fp16 else "fp32"
     module = InferenceGenerator(generator, uint8=uint8, half=fp16).eval()
-    z_dim = generator.config.z_dim
+    config = generator.config
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         program = torch.onnx.export(
             module,
-            (torch.randn(2, z_dim),),
+            (sample_latents(config, 2),),
             dynamo=True,
             dynamic_shapes={"z": {0: batch}},
             input_names=["z"],
@@ -109,13 +110,14 @@ def export_onnx(
     metadata = {
         "producer": "distgan",
         "distgan_version": __version__,
-        "z_dim": str(z_dim),
-        "z_distribution": meta.get("z_distribution", "normal(0, 1)"),
-        "resolution": str(generator.config.resolution),
+        "z_dim": str(config.z_dim),
+        "z_distribution": config.z_distribution,
+        "resolution": str(config.resolution),
+        "channels": str(config.channels),
         "output_format": UINT8_OUTPUT if uint8 else FLOAT_OUTPUT,
         "precision": precision,
         "step": str(meta.get("step", "")),
-        "model_config": json.dumps(generator.config.to_dict()),
+        "model_config": json.dumps(config.to_dict()),
         "source_generator": str(Path(generator_path).resolve()),  # for `python -m export bench`
     }
     for key, value in metadata.items():
@@ -141,7 +143,8 @@ def cuda_session(path: Path, log=print):
 
 
 def verify(path: Path, generator: Generator, *, uint8: bool, tolerance: float, log=print) -> dict:
-    """onnxruntime vs PyTorch on fresh random z at several batch sizes; raise if out of tolerance.
+    """onnxruntime vs PyTorch on fresh random z (from the model's z distribution) at several
+    batch sizes; raise if out of tolerance.
 
     The check runs on the CPU provider: onnxruntime's CUDA convolutions use TF32 by default
     (errors ~1e-3), so on a GPU the CUDA provider's error is measured too, logged and returned
@@ -150,12 +153,11 @@ def verify(path: Path, generator: Generator, *, uint8: bool, tolerance: float, l
     """
     session = create_session(path, "cpu")
     on_gpu = cuda_session(path, log)
-    rng = np.random.default_rng()
     limit = max(1.0, float(np.ceil(tolerance * 127.5))) if uint8 else tolerance
     unit = " levels" if uint8 else ""
     errors, gpu_errors = {}, {}
     for batch in CHECK_BATCHES:
-        z = rng.standard_normal((batch, generator.config.z_dim), dtype=np.float32)
+        z = sample_latents(generator.config, batch).numpy()
         ours = session.run(["image"], {"z": z})[0].astype(np.float32)
         reference = reference_output(generator, z, uint8=uint8)
         if ours.shape != reference.shape:

@@ -10,9 +10,12 @@ from pathlib import Path
 import onnxruntime as ort
 
 from distgan.errors import UserError, first_line  # a torch-free module
+from export.latents import Z_DISTRIBUTIONS
 
-FLOAT_OUTPUT = "float32 NCHW RGB in [-1, 1]"
-UINT8_OUTPUT = "uint8 NHWC RGB in [0, 255]"
+# The output's layout; its channels (3 RGB, 1 gray) are the "channels" key. Older exports wrote
+# "... NCHW RGB ..." / "... NHWC RGB ...": nothing compares the text, readers go by the output type.
+FLOAT_OUTPUT = "float32 NCHW in [-1, 1]"
+UINT8_OUTPUT = "uint8 NHWC in [0, 255]"
 DEVICES = ("auto", "cpu", "cuda")
 CPU_ONLY = ["CPUExecutionProvider"]
 
@@ -108,6 +111,10 @@ class ModelInfo:
     resolution: int | None
     precision: str
     step: str
+    z_distribution: str = "normal"
+    """How the model was trained to read z: "normal" N(0, 1) or "uniform" U[-1, 1]."""
+    channels: int = 3
+    """3 for RGB images, 1 for grayscale."""
 
 
 def model_info(session: ort.InferenceSession, z_dim: int | None = None) -> ModelInfo:
@@ -137,4 +144,28 @@ def model_info(session: ort.InferenceSession, z_dim: int | None = None) -> Model
         resolution=resolution,
         precision=meta.get("precision", "fp32"),
         step=meta.get("step", ""),
+        z_distribution=read_z_distribution(meta),
+        channels=read_channels(meta, outputs[0].shape, outputs[0].type == "tensor(uint8)"),
     )
+
+
+def read_z_distribution(meta: dict) -> str:
+    """The metadata's "z_distribution"; models from before it was recorded, and foreign ones,
+    were trained on N(0, 1) (older exports wrote "normal(0, 1)")."""
+    recorded = meta.get("z_distribution", "normal")
+    for known in Z_DISTRIBUTIONS:
+        if recorded.startswith(known):
+            return known
+    raise UserError(
+        f"the model's z_distribution {recorded!r} is not one generate can draw "
+        f"({', '.join(Z_DISTRIBUTIONS)}): re-export it with `python -m export onnx`"
+    )
+
+
+def read_channels(meta: dict, output_shape: list, uint8: bool) -> int:
+    """The metadata's "channels"; else the output's channel axis where it is fixed; else RGB."""
+    declared = output_shape[3 if uint8 else 1] if len(output_shape) == 4 else None
+    count = meta.get("channels", declared if isinstance(declared, int) else 3)
+    if str(count) not in ("1", "3"):
+        raise UserError(f"the model's channels {count!r} is not 1 (grayscale) or 3 (RGB)")
+    return int(count)

@@ -40,6 +40,17 @@ def write_images(folder: Path, count: int, size=(40, 30), fmt="JPEG", start=0) -
     return paths
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process: an Accelerator made by one test (with its
+    precision) must not decide the next test's."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture
 def jpeg_folder(tmp_path: Path) -> Path:
     """24 solid-colour JPEGs of 40x30 px in subfolders."""
@@ -101,3 +112,44 @@ def small_run(out_dir, faces_cache, *extra, sample_every: int = 10) -> list:
     data = ["--out-dir", out_dir, "--cache-dir", faces_cache, "--builtin-faces", "240"]
     every = ["--log-every", "5", "--sample-every", sample_every, "--ckpt-every", "10"]
     return [*data, *SMALL_GAN, *every, *extra]
+
+
+def linear_onnx_generator(
+    path: Path, *, z_dim=8, resolution=4, channels=1, z_distribution="uniform", seed=0
+) -> np.ndarray:
+    """A hand-built stand-in for an exported generator, small and fast with an exact reference:
+    image = tanh(z @ W) as float32 [batch, channels, resolution, resolution], with distgan's
+    metadata keys. Returns W (float32 [z_dim, channels * resolution**2])."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = channels * resolution * resolution
+    weight = np.random.default_rng(seed).standard_normal((z_dim, size)).astype(np.float32)
+    shape = np.array([-1, channels, resolution, resolution], dtype=np.int64)
+    nodes = [
+        helper.make_node("MatMul", ["z", "weight"], ["hidden"]),
+        helper.make_node("Tanh", ["hidden"], ["flat"]),
+        helper.make_node("Reshape", ["flat", "shape"], ["image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear_generator",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", z_dim])],
+        [
+            helper.make_tensor_value_info(
+                "image", TensorProto.FLOAT, ["batch", channels, resolution, resolution]
+            )
+        ],
+        initializer=[
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(shape, "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # what onnxruntime reads, whatever onnx writes by default
+    metadata = {"z_dim": z_dim, "resolution": resolution, "channels": channels}
+    for key, value in {**metadata, "z_distribution": z_distribution}.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return weight

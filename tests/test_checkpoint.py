@@ -1,5 +1,7 @@
-"""Checkpoints and generator files: generator round trip, finding the newest complete checkpoint
-(staging folders ignored), and clear errors for missing, corrupt or foreign files."""
+"""Checkpoints and generator files: generator round trip (files from before the channels, z
+distribution and init keys load with their defaults; new files state them), finding the newest
+complete checkpoint (staging folders ignored), and clear errors for missing, corrupt or foreign
+files."""
 
 import json
 
@@ -71,9 +73,43 @@ def test_only_complete_checkpoints_are_listed(tmp_path):
     found = list_checkpoints(tmp_path)
     assert [p.name for p in found] == ["step-00000005", "step-00000010", "step-00000030"]
     assert read_trainer_state(found[-1]).step == 30
+    assert read_trainer_state(found[-1]).aug_p == 0.0  # written before ADA: p starts at 0
     assert list_checkpoints(tmp_path / "missing") == []
     with pytest.raises(UserError, match="not a complete distgan checkpoint"):
         read_trainer_state(tmp_path / "step-00000040")
     (found[0] / STATE_FILE).write_text("{not json")
     with pytest.raises(UserError, match="is unreadable"):
         read_trainer_state(found[0])
+
+
+OLD_MODEL_KEYS = ["resolution", "z_dim", "g_channels", "d_channels", "leaky_slope"]
+OLD_MODEL_KEYS += ["d_spectral_norm", "d_dropout"]  # a model config before channels, z, init
+
+
+def test_files_without_the_new_model_keys_load_with_the_defaults(tmp_path):
+    generator = Generator(ModelConfig(resolution=32, g_channels=8, z_dim=16)).eval()
+    save_generator(tmp_path, generator, step=3, images_seen=24)
+    meta = json.loads((tmp_path / GENERATOR_META).read_text())
+    old_model = {key: meta["model"][key] for key in OLD_MODEL_KEYS}
+    old = {**meta, "model": old_model, "z_distribution": "normal(0, 1)"}
+    del old["channels"]
+    (tmp_path / GENERATOR_META).write_text(json.dumps(old))
+    loaded, _ = load_generator(tmp_path)
+    config = loaded.config
+    assert (config.channels, config.z_distribution, config.init) == (3, "normal", "normal")
+    z = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(z), generator(z), rtol=0, atol=0)
+    state = {"step": 5, "model": old_model, "images_seen": 40}  # an old trainer_state.json
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    assert read_trainer_state(tmp_path).model == config
+
+
+def test_generator_file_states_channels_and_z_distribution(tmp_path):
+    config = ModelConfig(resolution=28, channels=1, z_distribution="uniform", g_channels=8)
+    save_generator(tmp_path, Generator(config).eval(), step=1, images_seen=8)
+    meta = json.loads((tmp_path / GENERATOR_META).read_text())
+    assert meta["channels"] == 1 and meta["z_distribution"] == "uniform"
+    assert meta["resolution"] == 28 and "gray" in meta["output"]
+    loaded, _ = load_generator(tmp_path)
+    assert loaded.config == config
+    assert loaded(torch.zeros(2, config.z_dim)).shape == (2, 1, 28, 28)

@@ -1,6 +1,8 @@
 """Config: defaults, TOML file, flags over the file, the documented --help, and one-line errors
 for bad values (non-finite numbers too), unknown keys (with a suggestion) and wrong types; and
-what a resumed run goes on with when flags change (applied, kept, or refused)."""
+what a resumed run goes on with when flags change (applied, kept, or refused); the course's
+settings (--channels in [data], resolved into the model; --z-distribution, --init) as flags and
+file keys, fixed on resume."""
 
 import subprocess
 import sys
@@ -59,7 +61,9 @@ def test_every_field_has_a_documented_flag():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--resolution", "48"], "resolution=48 is not allowed"),
+        (["--resolution", "36"], "resolution=36 is not allowed"),
+        (["--channels", "2"], "channels='2' is not allowed: use one of auto, 1, 3"),
+        (["--z-distribution", "gauss"], "z_distribution='gauss' is not allowed"),
         (["--lr-d", "0"], "lr_d=0.0 is not allowed"),
         (["--batch-size", "-4"], "batch_size=-4 is not allowed"),
         (["--max-steps", "0"], "max_steps=0 is not allowed"),
@@ -110,7 +114,8 @@ def test_entry_point_prints_one_line_and_exits_2():
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: resolution=100 is not allowed: use a power of two from 32 to 256 (32, 64, 128, 256)"
+        "error: resolution=100 is not allowed: use base * 2^k with base 4 to 7, from 28 to 256 "
+        "(e.g. 28, 32, 40, 48, 56, 64, 96, 112, 128, 256)"
     ]
 
 
@@ -149,3 +154,35 @@ def test_resume_refuses_what_cannot_change_in_one_line():
     assert "lr_d" not in message and "new --out-dir" in message and "--resume none" in message
     with pytest.raises(UserError, match="compile=True does not work with loss='wgan-gp'"):
         resume_config(parse_args(["--loss", "wgan-gp"]), parse_args(["--compile"]))
+
+
+def test_course_settings_are_flags_and_file_keys(tmp_path):
+    argv = ["--resolution", "28", "--channels", "1", "--z-distribution", "uniform"]
+    config = parse_args([*argv, "--init", "xavier"])
+    assert config.model.resolution == 28 and config.data.channels == "1"
+    assert (config.model.z_distribution, config.model.init) == ("uniform", "xavier")
+    assert config.model.channels == 3  # resolved from the data when training starts
+    help_text = build_parser().format_help()
+    assert "--channels {auto,1,3}" in help_text and "--init {normal,xavier}" in help_text
+    path = tmp_path / "course.toml"
+    path.write_text("[data]\nchannels = 1\n[model]\nresolution = 56\n")  # a number in TOML
+    assert parse_args(["--config", str(path)]).data.channels == "1"
+    config.save_toml(tmp_path / "config.toml")
+    assert "channels" not in load_toml(tmp_path / "config.toml")["model"]
+    assert parse_args(["--config", str(tmp_path / "config.toml")]) == config
+    path.write_text("[model]\nchannels = 1\n")  # the model's count is not a setting
+    with pytest.raises(UserError, match="unknown key 'channels' in \\[model\\]"):
+        load_toml(path)
+
+
+def test_resume_refuses_other_channels_latents_or_init():
+    saved = parse_args(["--channels", "1", "--z-distribution", "uniform"])
+    for flags, change in [
+        (["--channels", "3"], "channels '1' -> '3'"),
+        (["--z-distribution", "normal"], "z_distribution 'uniform' -> 'normal'"),
+        (["--init", "xavier"], "init 'normal' -> 'xavier'"),
+    ]:
+        with pytest.raises(UserError, match=change):
+            resume_config(saved, parse_args(flags))
+    config, changes = resume_config(saved, parse_args(["--channels", "1"]))
+    assert changes == {} and config.data.channels == "1"

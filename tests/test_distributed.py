@@ -1,8 +1,8 @@
 """Distributed training on CPU with real processes (gloo), as users launch it: 2 processes under
 `accelerate launch` end with bitwise identical weights and one checkpoint; DALI shards are
-disjoint; two "machines" on loopback train together; resume under 2 processes matches an
-uninterrupted run; SIGUSR1 checkpoints and exits cleanly, and the relaunch resumes; a failing
-process ends the whole job quickly and is named."""
+disjoint; ADA's p moves by the real logits of both processes; two "machines" on loopback train
+together; resume under 2 processes matches an uninterrupted run; SIGUSR1 checkpoints and exits
+cleanly, and the relaunch resumes; a failing process ends the whole job quickly and is named."""
 
 import contextlib
 import functools
@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, free_port, run_train, small_run, write_images
+from conftest import REPO, SMALL_GAN, free_port, run_train, small_run, write_images
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,22 @@ def test_two_processes_end_identical_with_one_checkpoint(tmp_path, faces_cache):
     assert rng_files == ["random_states_0.pkl", "random_states_1.pkl"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["images_seen"] for r in records] == [80, 160, 240, 320]  # global batch 16
+
+
+def test_ada_p_moves_by_the_real_logits_of_both_processes(tmp_path):
+    write_images(tmp_path / "eight", 8)
+    out = tmp_path / "ada"
+    flags = ["--out-dir", out, "--data-dir", tmp_path / "eight", *SMALL_GAN, "--max-steps", "20"]
+    flags += ["--log-every", "5", "--sample-every", "100", "--augment", "ada", "--ada-kimg", "0.5"]
+    result = run_train(*flags, launcher=launcher())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 2 processes" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    p = [0.0, *(r["aug_p"] for r in records)]
+    # Each log line, p moves by 5 steps x 8 images x 2 processes / 500 (or stays at 0).
+    moves = [round(b - a, 6) for a, b in zip(p, p[1:], strict=False)]
+    assert all(abs(move) == 0.16 or b == 0 for move, b in zip(moves, p[1:], strict=True)), p
+    assert p[-1] > 0, p
 
 
 def test_dali_shards_are_disjoint_across_processes(tmp_path):

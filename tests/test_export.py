@@ -1,10 +1,13 @@
 """Export: ONNX export of a trained generator (dynamo exporter, opset >= 18, dynamic batch, BN
 folded, metadata), its verification against PyTorch (fp32, fp16, uint8; checked on the CPU
-provider, a GPU's TF32 figure reported apart), torch-free generation (same seed, same images;
-grid, interpolation, truncation), one-line errors for bad input, and, with CUDA faked on this
-GPU-less machine, that a CUDA provider which does not load is an error for `--device cuda` and
-is labelled as the CPU it fell back to everywhere else (generate, bench rows, evaluate); and that
-the bench's two sides do the same numpy-in, numpy-out work."""
+provider, a GPU's TF32 figure reported apart), torch-free generation (one PNG per seed, a seed's
+image the same alone, at any batch size and from the PyTorch generator; --num; grid,
+interpolation, psi and threshold truncation; gray models in gray from the uniform or normal z they
+were trained on, read from the metadata with defaults for older models), one-line errors for
+bad input, and, with CUDA faked on this GPU-less machine, that a CUDA provider which does not
+load is an error for `--device cuda` and is labelled as the CPU it fell back to everywhere else
+(generate, bench rows, evaluate); and that the bench's two sides do the same numpy-in,
+numpy-out work."""
 
 import json
 import subprocess
@@ -14,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO, run_module
+from conftest import REPO, linear_onnx_generator, run_module
 from PIL import Image
 
 import export.bench
@@ -25,7 +28,8 @@ from distgan.errors import UserError
 from distgan.models import Generator, ModelConfig
 from export.__main__ import main as export_main
 from export.bench import bench, ort_side, torch_side
-from export.generate import Runner, generate
+from export.generate import Runner, generate, to_pixels
+from export.latents import latents
 from export.onnx_export import InferenceGenerator, cuda_session, export_onnx
 from export.runtime import (
     FLOAT_OUTPUT,
@@ -60,6 +64,30 @@ def exported(tmp_path_factory):
         paths[name] = tmp / f"g-{name}.onnx"
         export_onnx(run / "generator.safetensors", paths[name], log=lambda _: None, **options)
     return run, generator, paths
+
+
+def visible_generator(tmp_path, **config):
+    """trained_like_generator with 8x larger transposed-conv weights than its BatchNorm
+    statistics expect: faces with contrast (std > 10 levels), not near-flat grey, so that pixel
+    comparisons can fail."""
+    run, generator = trained_like_generator(tmp_path, **config)
+    with torch.no_grad():
+        for module in generator.modules():
+            if isinstance(module, torch.nn.ConvTranspose2d):
+                module.weight.mul_(8)
+    save_generator(run, generator.eval(), step=123, images_seen=4567)
+    return run, generator
+
+
+@pytest.fixture(scope="module")
+def visible(tmp_path_factory):
+    """A visible_generator exported as fp32 and uint8."""
+    tmp = tmp_path_factory.mktemp("visible")
+    run, generator = visible_generator(tmp)
+    paths = {"fp32": tmp / "g.onnx", "uint8": tmp / "g-uint8.onnx"}
+    export_onnx(run / "generator.safetensors", paths["fp32"], log=lambda _: None)
+    export_onnx(run / "generator.safetensors", paths["uint8"], uint8=True, log=lambda _: None)
+    return generator, paths
 
 
 def test_graph_has_dynamic_batch_opset_metadata_and_no_batchnorm(exported):
@@ -139,7 +167,7 @@ def test_generate_cli_is_reproducible_and_writes_extras(exported, tmp_path):
     _, _, paths = exported
     fp32 = ["--model", paths["fp32"], "--batch-size", 4, "--out-dir", tmp_path / "a"]
     uint8 = ["--model", paths["uint8"], "--batch-size", 3, "--out-dir", tmp_path / "b"]
-    same = ["--num", 10, "--seed", 7, "--truncation", 0.7]
+    same = ["--num", 10, "--seed", 7, "--truncation-threshold", 1.5, "--truncation-psi", 0.7]
     first = run_generate(*fp32, *same, "--grid", tmp_path / "grid.png", "--interpolate", 5)
     assert first.returncode == 0, first.stderr
     second = run_generate(*uint8, *same)
@@ -159,6 +187,106 @@ def test_generate_cli_is_reproducible_and_writes_extras(exported, tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 3 * 34 + 2)  # 10 faces, 4 columns
     assert Image.open(tmp_path / "a" / "interpolation.png").size == (5 * 34 + 2, 36)
     assert Image.open(tmp_path / "a" / "interpolation.gif").n_frames == 2 * 5 - 2
+
+
+def test_a_seeds_image_is_the_same_alone_at_any_batch_size(visible, tmp_path):
+    _, paths = visible
+    fp32 = ["--model", paths["fp32"]]
+    result = run_generate(*fp32, "--seeds", "3,7", "--batch-size", 2, "--out-dir", tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["seed0003.png", "seed0007.png"]
+    for seeds, batch, folder in [("7", 1, "b"), ("0-8,12", 4, "c"), ("7,3", 64, "d")]:
+        args = ["--seeds", seeds, "--batch-size", str(batch), "--out-dir", str(tmp_path / folder)]
+        export_main(["generate", "--model", str(paths["fp32"]), *args])
+    numbered = ["--num", "4", "--seed", "5", "--batch-size", "3", "--out-dir", str(tmp_path / "e")]
+    export_main(["generate", "--model", str(paths["fp32"]), *numbered])  # 000002.png: seed 7
+    assert len(list((tmp_path / "c").glob("seed*.png"))) == 10
+    seven = (tmp_path / "a" / "seed0007.png").read_bytes()
+    for alone in ["b/seed0007.png", "c/seed0007.png", "d/seed0007.png", "e/000002.png"]:
+        assert (tmp_path / alone).read_bytes() == seven, alone  # the same file, byte for byte
+    three = (tmp_path / "a" / "seed0003.png").read_bytes()
+    assert (tmp_path / "d" / "seed0003.png").read_bytes() == three and three != seven
+
+
+def test_a_seeds_image_is_the_same_from_pytorch_and_onnxruntime(visible, tmp_path):
+    generator, paths = visible
+    seeds = [3, 7, 11]
+    z = latents(seeds, 16)
+    with torch.no_grad():  # the PyTorch generator fed the same per-seed z
+        reference = generator.eval()(torch.from_numpy(z)).numpy()
+    ours = create_session(paths["fp32"], "cpu").run(None, {"z": z})[0]
+    assert np.abs(ours - reference).max() <= 1e-4
+    written = generate(paths["uint8"], seeds, 2, tmp_path, progress=False)
+    assert to_pixels(reference).std() > 10
+    for path, expected in zip(written, to_pixels(reference), strict=True):
+        assert np.abs(np.asarray(Image.open(path), dtype=int) - expected).max() <= 1, path
+
+
+def test_grayscale_uniform_models_get_uniform_z_and_grayscale_pngs(tmp_path):
+    model = tmp_path / "gray.onnx"
+    weight = linear_onnx_generator(model, z_dim=8, resolution=4, channels=1)
+    info = model_info(create_session(model, "cpu"))
+    assert info.channels == 1 and info.z_distribution == "uniform"
+    seeds = [4, 9, 1000]
+    written = generate(model, seeds, 2, tmp_path / "out", truncation_psi=0.8, progress=False)
+    pixels = np.stack([np.asarray(Image.open(p)) for p in written])
+    assert [Image.open(p).mode for p in written] == ["L"] * 3 and pixels.shape == (3, 4, 4)
+
+    def expected(z):
+        return to_pixels(np.tanh(z @ weight).reshape(-1, 1, 4, 4)).astype(int)
+
+    uniform = expected(latents(seeds, 8, "uniform", psi=0.8))
+    assert np.abs(pixels - uniform).max() <= 1 and pixels.std() > 20
+    assert np.abs(pixels - expected(latents(seeds, 8, "normal", psi=0.8))).mean() > 10
+    generate(model, seeds, 2, tmp_path, grid=tmp_path / "grid.png", progress=False)
+    assert Image.open(tmp_path / "grid.png").mode == "L"
+    assert to_pixels(np.zeros((2, 4, 4, 1), np.uint8)).shape == (2, 4, 4)  # uint8 NHWC gray
+
+
+@pytest.mark.parametrize("uint8", [False, True])
+def test_an_exported_gray_uniform_generator_gives_its_pytorch_faces_in_gray(tmp_path, uint8):
+    run, generator = visible_generator(tmp_path, channels=1, z_distribution="uniform")
+    model = tmp_path / "gray.onnx"
+    export_onnx(run / "generator.safetensors", model, uint8=uint8, log=lambda _: None)
+    info = model_info(create_session(model, "cpu"))
+    assert (info.channels, info.z_distribution) == (1, "uniform")
+    seeds = [2, 5, 31]
+    written = generate(model, seeds, 2, tmp_path / "out", truncation_psi=0.9, progress=False)
+    assert [Image.open(p).mode for p in written] == ["L"] * 3
+    pixels = np.stack([np.asarray(Image.open(p), dtype=int) for p in written])
+    with torch.no_grad():
+        z = torch.from_numpy(latents(seeds, 16, "uniform", psi=0.9))
+        expected = to_pixels(generator.eval()(z).numpy()).astype(int)
+        normal = torch.from_numpy(latents(seeds, 16, "normal", psi=0.9))
+        from_normal_z = to_pixels(generator(normal).numpy()).astype(int)
+    assert pixels.shape == (3, 32, 32) and np.abs(pixels - expected).max() <= 1
+    assert pixels.std() > 10  # not flat grey: so that the next line means something
+    assert np.abs(pixels - from_normal_z).mean() > 5  # the uniform z it was trained on, not N(0, 1)
+
+
+def test_metadata_defaults_for_older_and_foreign_models(exported, tmp_path):
+    _, _, paths = exported
+    info = model_info(create_session(paths["uint8"], "cpu"))
+    assert info.channels == 3 and info.z_distribution == "normal"
+    model = onnx.load(paths["fp32"])
+    for key, value, expected in [
+        ("z_distribution", "normal(0, 1)", ("normal", 3)),  # what exports wrote before
+        ("z_distribution", "uniform", ("uniform", 3)),
+        ("channels", "1", ("normal", 1)),
+        ("z_distribution", "gamma", "is not one generate can draw"),
+        ("channels", "4", "channels '4' is not 1"),
+    ]:
+        kept = [p for p in model.metadata_props if p.key not in ("z_distribution", "channels")]
+        del model.metadata_props[:]
+        model.metadata_props.extend([*kept, onnx.StringStringEntryProto(key=key, value=value)])
+        onnx.save(model, tmp_path / "m.onnx")
+        session = create_session(tmp_path / "m.onnx", "cpu")
+        if isinstance(expected, str):
+            with pytest.raises(UserError, match=expected):
+                model_info(session)
+        else:
+            info = model_info(session)
+            assert (info.z_distribution, info.channels) == expected
 
 
 def test_generate_never_imports_torch(exported, tmp_path):
@@ -199,6 +327,16 @@ def test_bad_inputs_give_one_line_errors(exported, tmp_path):
         ([*fp32, "--num", 0, *out], "--num 0 is not allowed"),
         ([*fp32, "--num", 2, "--batch-size", 0, *out], "--batch-size 0 is not allowed"),
         ([*fp32, "--num", 2, "--out-dir", "/proc/distgan-out"], "cannot write to --out-dir"),
+        ([*fp32, "--seeds", "1-3,x", *out], "'x' is not a seed or a range"),
+        ([*fp32, "--seeds", "5-2", *out], "runs backwards"),
+        ([*fp32, "--seeds", "1", "--num", 2, *out], "--num and --seeds do not go together"),
+        ([*fp32, "--seeds", "1", "--seed", 2, *out], "--seed and --seeds do not go together"),
+        ([*fp32, *out], "say which images: --seeds"),
+        ([*fp32, "--seeds", "1", "--truncation", 0.7, *out], "--truncation is ambiguous"),
+        ([*fp32, "--seeds", "1", "--truncation-psi", 1.5, *out], "--truncation-psi 1.5 is not"),
+        ([*fp32, "--seeds", "1", "--truncation-threshold", 0, *out], "--truncation-threshold 0"),
+        ([*fp32, "--seeds", "1", "--interpolate", 4, *out], "give two or more"),
+        ([*fp32, "--num", 2, "--seed", 2**32 - 1, *out], "seeds are 0 .. 4294967295"),
     ]
     for args, message in cases:
         result = run_generate(*args)
@@ -298,7 +436,7 @@ def test_cuda_that_falls_back_is_an_error_for_cuda_and_labelled_for_auto(
     assert "CUDA/cuDNN version mismatch" in lines[0] and "or use --device cpu" in lines[0]
     assert not (tmp_path / "cuda").exists()  # it failed before any work
 
-    written = generate(paths["fp32"], 3, 2, tmp_path / "auto", device="auto")
+    written = generate(paths["fp32"], [0, 1, 2], 2, tmp_path / "auto", device="auto")
     assert [p.is_file() for p in written] == [True] * 3
     assert capsys.readouterr().err.startswith("onnxruntime: CPUExecutionProvider\n")
     assert session_device(create_session(paths["fp32"], "auto")) == "cpu"

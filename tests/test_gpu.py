@@ -238,7 +238,16 @@ def test_compile_trains_on_cuda(tmp_path, faces_cache):
 def test_deterministic_runs_are_bitwise_identical(tmp_path, faces_cache):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        flags = ("--max-steps", "10", "--deterministic", "--decoded-cache", "auto")
+        # --augment none: grid_sample's and the gathers' CUDA backward are not deterministic.
+        flags = (
+            "--max-steps",
+            "10",
+            "--deterministic",
+            "--decoded-cache",
+            "auto",
+            "--augment",
+            "none",
+        )
         result = train(out, faces_cache, *flags)
         assert result.returncode == 0, result.stderr[-3000:]
         assert ON_CUDA in result.stdout and CACHE_LINE.search(result.stdout)

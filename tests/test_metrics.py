@@ -3,7 +3,9 @@ covariances in closed form, near-singular covariances); KID against a direct com
 whole pipeline with the 8x8 pixel extractor (real statistics through DALI, their cache, generated
 features, FID(real, real) = 0, FID growing with corruption, two processes = one process); the
 Inception weights (checksum, pickled payloads refused, a one-line error when missing, and the
-real network when its weights are present); FID/KID during training and standalone evaluation."""
+real network when its weights are present); grayscale models scored against grayscale real images
+(one channel repeated for the extractor, statistics cached apart) and fake z drawn from the
+model's own z distribution; FID/KID during training and standalone evaluation."""
 
 import json
 import subprocess
@@ -19,6 +21,7 @@ from conftest import REPO, SMALL_GAN, run_module, run_train, write_images
 from distgan import metrics
 from distgan.data import find_images
 from distgan.errors import UserError
+from distgan.models import ModelConfig
 
 
 def stats(mu, sigma):
@@ -107,7 +110,7 @@ class ImageBank(torch.nn.Module):
     def __init__(self, images, noise=0.0):
         super().__init__()
         self.images, self.noise, self.position = images, noise, 0
-        self.config = type("Config", (), {"z_dim": 4})()
+        self.config = ModelConfig(z_dim=4)
 
     def forward(self, z):
         batch = self.images[self.position : self.position + len(z)]
@@ -143,6 +146,40 @@ def test_pipeline_fid_is_zero_for_the_real_set_and_grows_with_corruption(tmp_pat
         fids.append(metrics.fid(real, fake))
     assert abs(fids[0]) < 1e-5  # the same images: the same statistics (up to eigenvalue noise)
     assert fids == sorted(fids) and fids[-1] > 10 * fids[1] > 0
+
+
+class LatentRecorder(torch.nn.Module):
+    """A stand-in gray generator that keeps the z it is given and returns flat gray images."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config, self.seen = config, []
+
+    def forward(self, z):
+        self.seen.append(z)
+        return z[:, :1, None, None].expand(-1, 1, 28, 28)
+
+
+def test_gray_models_are_scored_on_gray_images_with_their_own_latents(tmp_path):
+    write_images(tmp_path / "images", 12)
+    files = find_images(tmp_path / "images")
+    extractor, dist = metrics.PixelFeatures(), metrics.SingleProcess()
+    gray = metrics.real_stats(dist, extractor, files, **{**LOADING, "channels": 1})
+    rgb = metrics.real_stats(dist, extractor, files, **LOADING)
+    assert gray.features.shape == rgb.features.shape == (12, 192)  # 3 x 8 x 8 either way
+    r, g, b = np.split(gray.features, 3, axis=1)  # the one channel, repeated
+    assert np.array_equal(r, g) and np.array_equal(g, b) and not np.array_equal(gray.mu, rgb.mu)
+    config = ModelConfig(resolution=28, channels=1, z_dim=8, z_distribution="uniform")
+    recorder = LatentRecorder(config)
+    sampling = dict(batch_size=5, seed=0, device=torch.device("cpu"))
+    scored = metrics.score(dist, extractor, recorder, gray, count=40, **sampling)
+    z = torch.cat(recorder.seen)
+    assert z.shape == (40, 8) and z.min() >= -1 and z.max() <= 1 and z.min() < -0.9
+    assert scored["channels"] == 1 and scored["resolution"] == 28 and scored["n_fake"] == 40
+    x = SimpleNamespace(name="x", numerics="cpu fp32")
+    rgb_key = metrics.real_stats_key(files, 32, None, 12, x)
+    assert metrics.real_stats_key(files, 32, None, 12, x, channels=3) == rgb_key  # as before
+    assert metrics.real_stats_key(files, 32, None, 12, x, channels=1) != rgb_key
 
 
 def test_real_statistics_cache_round_trip_and_key(tmp_path):

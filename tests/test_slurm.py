@@ -3,8 +3,10 @@ project's own launch/slurm/train.sbatch with 2 CPU processes, overriding its CPU
 node on the sbatch command line as a user of a small node would. A job trains to the end, its step
 bound to the CPUs the job asked for and each trainer given its share of them; a job warned with
 SIGUSR1 (as before its time limit) checkpoints, requeues itself and resumes; a job requeued by
-`scontrol requeue` mid-run resumes from its checkpoint."""
+`scontrol requeue` mid-run resumes from its checkpoint. The script chooses no precision, so the
+trainers' `--mixed-precision auto` does (bf16 on a CPU that has it)."""
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, small_run
+
+from distgan.train import native_precision
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "munged", "mungekey")
@@ -144,7 +148,9 @@ def sbatch(
     steps = ("--ckpt-every", ckpt_every, "--max-steps", max_steps)
     train_args = small_run(out_dir, faces_cache, *steps, sample_every=1000)
     resources = [f"--cpus-per-task={CPUS}", f"--mem={MEMORY_MB}", f"--output={log}"]
-    exported = f"--export=ALL,DISTGAN_PROCS_PER_NODE={PROCESSES}"
+    # A fresh HF_HOME: no Accelerate config file of this machine's user chooses a precision.
+    hf_home = out_dir.parent / "hf"
+    exported = f"--export=ALL,DISTGAN_PROCS_PER_NODE={PROCESSES},HF_HOME={hf_home}"
     command = ["sbatch", "--parsable", exported, *resources, "launch/slurm/train.sbatch"]
     result = subprocess.run(
         [*command, *map(str, train_args)], env=env, capture_output=True, text=True, cwd=REPO
@@ -207,6 +213,13 @@ def test_sbatch_trains_to_the_end(cluster, tmp_path, faces_cache):
     assert node_line in text, text[:2000]
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["data"]["num_threads"] == share
+    # The script chooses no precision (Accelerate warns it defaulted to no): distgan's auto
+    # decides, bf16 on a CPU with AVX-512 BF16, and the start-up line says so.
+    native = native_precision()
+    state = json.loads((out / "checkpoints" / "step-00000030" / "trainer_state.json").read_text())
+    assert config["train"]["mixed_precision"] == "auto" and state["precision"] == native
+    over_default = "over accelerate launch's default no; --mixed-precision no for fp32"
+    assert native == "no" or f"precision {native} (auto: native here, {over_default})" in text
 
 
 # As --signal=USR1@T (every process of the job's steps) and --signal=B:USR1@T (the batch shell).

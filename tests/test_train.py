@@ -2,17 +2,36 @@
 in test_distributed.py): the files a run writes, resume equal to an uninterrupted run, bf16
 autocast on CPU, every loss, and clear errors for bad input; the precision `auto` picks on each
 kind of GPU, and the deterministic-kernels switch; resuming with changed flags; a progress bar
-that writes a few lines, not hundreds, to a log file."""
+that writes a few lines, not hundreds, to a log file; the course's settings (28-256 px at any
+base * 2^k, grayscale, uniform z, Xavier init) from training through export, generate and
+evaluate, and grayscale chosen by itself for a folder of gray images; a folder of JPEG, WebP, BMP
+and PNG files (a 1x1 one too) trains on every image, counted by format; `--mixed-precision auto`
+under `accelerate launch` follows the launcher's choice (flag or config file) and only that, and
+the start-up line says who chose."""
 
 import json
+import sys
 
+import numpy as np
+import onnx
 import pytest
 import torch
-from conftest import image_array, run_train, small_run
+from conftest import SMALL_GAN, image_array, run_module, run_train, small_run
+from PIL import Image
 from safetensors.torch import load_file
 
+from distgan import train as train_module
 from distgan.checkpoint import list_checkpoints, load_generator
-from distgan.train import configure_kernels, resolve_mixed_precision
+from distgan.errors import UserError
+from distgan.launch_env import LauncherPrecision
+from distgan.train import (
+    Precision,
+    choose_precision,
+    configure_kernels,
+    native_precision,
+    resolve_mixed_precision,
+    resumed_precision,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -294,3 +313,174 @@ def test_progress_to_a_file_is_a_few_lines_not_one_per_refresh(tmp_path, faces_c
     updates = [line for line in result.stderr.replace("\r", "\n").splitlines() if "step" in line]
     assert 1 <= len(updates) <= 3, updates
     assert "60/60" in updates[-1]
+
+
+COURSE_SETTINGS = {
+    "112px": ["--resolution", "112"],
+    "28px-gray": ["--resolution", "28", "--channels", "1"],
+    "uniform-z-xavier": ["--z-distribution", "uniform", "--init", "xavier"],
+}
+
+
+@pytest.mark.parametrize("flags", COURSE_SETTINGS.values(), ids=COURSE_SETTINGS)
+def test_course_settings_train_export_generate_and_evaluate(tmp_path, faces_cache, flags):
+    out, model, faces = tmp_path / "run", tmp_path / "g.onnx", tmp_path / "faces"
+    tiny = ["--g-channels", "8", "--d-channels", "8", "--max-steps", "3", "--num-samples", "4"]
+    result = run_train(*small_run(out, faces_cache, *tiny, *flags, sample_every=3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = load_generator(out)[0].config
+    side, gray = config.resolution, config.channels == 1
+    expected = {"112": (112, False), "28": (28, True)}.get(flags[1], (32, False))
+    assert (side, gray) == expected
+    mode = "L" if gray else "RGB"  # what a user sees: gray samples and faces for a gray model
+    for grid in ("real.png", "step-00000003.png"):
+        assert Image.open(out / "samples" / grid).mode == mode
+    meta = json.loads((out / "generator.json").read_text())
+    assert meta["z_distribution"] == config.z_distribution and meta["channels"] == config.channels
+
+    exported = run_module("export", "onnx", "--run", out, "--out", model, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    onnx_meta = {p.key: p.value for p in onnx.load(model).metadata_props}
+    assert onnx_meta["channels"] == str(config.channels)
+    assert onnx_meta["z_distribution"] == config.z_distribution
+    made = run_module(
+        "export", "generate", "--model", model, "--num", "3", "--out-dir", faces, timeout=300
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    pngs = sorted(faces.glob("*.png"))
+    assert len(pngs) == 3
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.mode == mode and image.size == (side, side)
+
+    common = ["--features", "pixels", "--num", "16", "--batch-size", "8"]
+    scored = run_module(
+        "distgan.evaluate", "--onnx", model, *common, "--cache-dir", faces_cache, timeout=300
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    numbers = json.loads(scored.stdout)
+    assert numbers["channels"] == config.channels and numbers["resolution"] == side
+    assert numbers["fid"] == pytest.approx(numbers["torch_fid"], rel=0.01)  # same z both sides
+
+
+def test_a_folder_of_gray_images_trains_and_resumes_a_gray_model_by_itself(tmp_path):
+    folder, out = tmp_path / "gray", tmp_path / "run"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        pixels = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:02d}.png")
+    flags = ["--data-dir", folder, "--out-dir", out, *SMALL_GAN, "--g-channels", "8"]
+    result = run_train(*flags, "--resolution", "28", "--max-steps", "2", "--num-samples", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(as grayscale)" in result.stdout
+    generator, meta = load_generator(out)
+    assert meta["channels"] == 1 and generator(torch.zeros(2, 100)).shape == (2, 1, 28, 28)
+    assert Image.open(out / "samples" / "real.png").mode == "L"
+    refused = run_train(*flags, "--resolution", "28", "--max-steps", "4", "--channels", "3")
+    assert refused.returncode == 2 and "channels 'auto' -> '3'" in refused.stderr
+    resumed = run_train(*flags, "--resolution", "28", "--max-steps", "4", "--num-samples", "4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_generator(out)[1]["step"] == 4 and load_generator(out)[1]["channels"] == 1
+
+
+def test_a_folder_of_mixed_formats_trains_on_every_image(tmp_path):
+    # Issue 14: 12 JPEGs, 4 WebP, 4 BMP, a grayscale PNG and a 1x1 JPEG, and two other files.
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index, extension in enumerate([".jpg"] * 12 + [".webp"] * 4 + [".bmp"] * 4):
+        colour = (index * 12, 255 - index * 12, 128)
+        Image.new("RGB", (40, 30), colour).save(folder / f"{index:02d}{extension}")
+    Image.new("L", (40, 30), 128).save(folder / "gray.png")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "pixel.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "thumbs.db").write_bytes(b"\0" * 16)
+    out = tmp_path / "run"
+    flags = ["--data-dir", folder, "--out-dir", out, "--cache-dir", tmp_path / "cache"]
+    result = run_train(*flags, *SMALL_GAN, "--max-steps", "4", "--log-every", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"data: 22 images (13 JPEG, 4 WebP, 4 BMP, 1 PNG) in {folder}; skipped 2 files without "
+        "an image extension: notes.txt, thumbs.db"
+    ) in result.stdout
+    assert f"22 images in {folder}, 3 steps/epoch" in result.stdout  # 22 / 8 per batch
+    assert "decoded-image cache: 22 images" in result.stdout
+    assert metrics(out)[-1]["images_seen"] == 32
+    assert image_array(out / "samples" / "real.png").std() > 5
+
+
+def test_the_start_up_line_says_who_chose_the_precision(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    default = LauncherPrecision(None, "accelerate launch's default no")
+    over_default = "auto: native here, over accelerate launch's default no; "
+    assert choose_precision("auto", default) == (
+        "bf16",
+        over_default + "--mixed-precision no for fp32",
+    )
+    plain = LauncherPrecision(None, "")  # python launch/train.py
+    assert choose_precision("auto", plain) == (
+        "bf16",
+        "auto: native here; --mixed-precision no for fp32",
+    )
+    chosen = LauncherPrecision("no", "accelerate launch --mixed_precision no")
+    assert choose_precision("auto", chosen) == (
+        "no",
+        "auto: accelerate launch --mixed_precision no",
+    )
+    overruled = "--mixed-precision, over accelerate launch --mixed_precision no"
+    assert choose_precision("bf16", chosen) == ("bf16", overruled)
+    assert choose_precision("no", chosen) == ("no", "--mixed-precision")
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    assert choose_precision("auto", default) == ("no", "auto: no native bf16 or fp16 here")
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        choose_precision("auto", LauncherPrecision("fp16", "ACCELERATE_MIXED_PRECISION=fp16"))
+
+
+def test_auto_resumes_in_the_checkpoints_precision():
+    # A bf16 run requeued under a launcher line that now reads as fp32 goes on in bf16.
+    chosen = Precision("no", "auto: accelerate launch --mixed_precision no")
+    assert resumed_precision(chosen, "bf16") == (
+        "bf16",
+        "auto: the checkpoint's; auto would pick no now",
+    )
+    assert resumed_precision(chosen, "no") is chosen
+
+
+def trained_precision(out) -> str:
+    """The precision a run trained in, as its last checkpoint records it."""
+    state = list_checkpoints(out / "checkpoints")[-1] / "trainer_state.json"
+    return json.loads(state.read_text())["precision"]
+
+
+@pytest.mark.parametrize("choice", ["flag", "config file", "none"])
+def test_auto_precision_follows_the_launchers_choice_and_only_that(tmp_path, faces_cache, choice):
+    # A fresh HF_HOME: the user's own `accelerate config` cannot interfere.
+    hf_home = tmp_path / "hf"
+    config = hf_home / "accelerate" / "default_config.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    launcher += ["--num_machines", "1", "--dynamo_backend", "no"]
+    if choice == "flag":
+        launcher += ["--mixed_precision", "no"]
+    if choice == "config file":  # as `accelerate config` writes it
+        config.parent.mkdir(parents=True)
+        config.write_text(
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\n"
+            "num_processes: 1\n"
+        )
+    out = tmp_path / "run"
+    env = {"HF_HOME": str(hf_home)}
+    result = run_train(*small_run(out, faces_cache, "--max-steps", "2"), launcher=launcher, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'mixed_precision = "auto"' in (out / "config.toml").read_text()
+    expected = {
+        "flag": "precision no (auto: accelerate launch --mixed_precision no)",
+        "config file": f"precision no (auto: mixed_precision 'no' in {config})",
+        # Nothing chosen: Accelerate's `no` is only its default. bf16 on this CPU (AVX-512 BF16).
+        "none": f"precision {native_precision()} (auto: native here, over accelerate launch's "
+        "default no; --mixed-precision no for fp32)",
+    }[choice]
+    if choice == "none" and native_precision() == "no":
+        expected = "precision no (auto: no native bf16 or fp16 here)"
+    assert expected in result.stdout, result.stdout[-2000:]
+    assert trained_precision(out) == ("no" if choice != "none" else native_precision())

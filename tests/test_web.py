@@ -1,6 +1,8 @@
 """The browser page (export/web): served on localhost and driven in headless Chromium, it loads an
 exported generator with onnxruntime-web, draws faces in its canvas (not blank), and draws other
-faces after a click on "New faces" and after a move of the latent-walk slider."""
+faces after a click on "New faces" and after a move of the latent-walk slider; a seed's face
+(?seeds=, the seeds field, psi) has the pixels onnxruntime gives for that seed's z from
+export/latents.py, and a grayscale model trained on uniform z is drawn in gray from uniform z."""
 
 import functools
 import http.server
@@ -8,13 +10,17 @@ import os
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, linear_onnx_generator
 
 from distgan.checkpoint import save_generator
 from distgan.models import Generator, ModelConfig
+from export.generate import to_pixels
+from export.latents import latents
 from export.onnx_export import export_onnx
+from export.runtime import create_session
 
 WEB = REPO / "export" / "web"
 ORT_WEB = WEB / "node_modules" / "onnxruntime-web" / "dist" / "ort.min.js"
@@ -41,6 +47,16 @@ pytestmark = [
 ]
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the site's files with the types the page's scripts need, without a log line each."""
+
+    types = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript"}
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **types}
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture
 def site(tmp_path):
     """The page, its script, onnxruntime-web and a small exported model, served on 127.0.0.1."""
@@ -56,12 +72,10 @@ def site(tmp_path):
     root = tmp_path / "site"
     root.mkdir()
     export_onnx(run / "generator.safetensors", root / "model.onnx", log=lambda _: None)
-    for name in ("index.html", "app.js", "node_modules"):
+    linear_onnx_generator(root / "gray.onnx", z_dim=8, resolution=4, channels=1)
+    for name in ("index.html", "app.js", "latents.js", "node_modules"):
         os.symlink(WEB / name, root / name)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    types = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript"}
-    handler.extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **types}
-    handler.log_message = lambda *args: None
+    handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/index.html"
@@ -106,11 +120,14 @@ def test_page_draws_faces_and_changes_them(site, browser):
     assert browser.find_element(By.ID, "status").text.startswith("ready: 16 faces")
     first = browser.execute_script(CANVAS_STATS)
     assert first["std"] > 2  # faces, not a blank or uniform canvas
+    first_seeds = browser.find_element(By.ID, "seeds").get_attribute("value")
+    assert len(first_seeds.split(",")) == 16  # which seeds they are: shown, to make them again
 
     browser.find_element(By.ID, "new").click()
     wait_for_renders(browser, 2)
     clicked = browser.execute_script(CANVAS_STATS)
     assert clicked["std"] > 2 and clicked["url"] != first["url"]
+    assert browser.find_element(By.ID, "seeds").get_attribute("value") != first_seeds
 
     browser.execute_script(
         "const s = document.getElementById('walk'); s.value = 100;"
@@ -121,3 +138,89 @@ def test_page_draws_faces_and_changes_them(site, browser):
     assert walked["url"] != clicked["url"]
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+FACE_PIXELS = """
+const [count, size] = arguments;
+const canvas = document.getElementById('faces');
+const columns = Math.ceil(Math.sqrt(count)), cell = canvas.width / columns, scale = cell / size;
+const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+const faces = [];
+for (let f = 0; f < count; f++) {
+  const left = (f % columns) * cell, top = Math.floor(f / columns) * cell;
+  for (let y = 0; y < size; y++) for (let x = 0; x < size; x++) {
+    const row = top + y * scale + Math.floor(scale / 2), column = left + x * scale + Math.floor(scale / 2);
+    const i = (row * canvas.width + column) * 4;
+    faces.push(data[i], data[i + 1], data[i + 2]);
+  }
+}
+return faces;
+"""
+
+
+def face_pixels(driver, count: int, size: int) -> np.ndarray:
+    """The faces on the canvas, one sample per model pixel: int [count, size, size, 3]."""
+    flat = driver.execute_script(FACE_PIXELS, count, size)
+    return np.array(flat, dtype=int).reshape(count, size, size, 3)
+
+
+def assert_same_pixels(page: np.ndarray, expected: np.ndarray):
+    """onnxruntime-web (WebAssembly) and onnxruntime's CPU kernels round a little differently:
+    a pixel at a rounding boundary may differ by one level, nothing more."""
+    difference = np.abs(page - expected)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.02, difference.max()
+
+
+def show(driver, seeds: str, psi: str, drawn: bool = True):
+    renders = driver.execute_script("return window.distgan.renders")
+    driver.execute_script(
+        "document.getElementById('seeds').value = arguments[0];"
+        "document.getElementById('psi').value = arguments[1];"
+        "document.getElementById('show').click();",
+        seeds,
+        psi,
+    )
+    if drawn:
+        wait_for_renders(driver, renders + 1)
+
+
+def test_a_seeds_face_is_the_one_onnxruntime_draws_for_it(site, browser, tmp_path):
+    session = create_session(tmp_path / "site" / "model.onnx", "cpu")
+
+    def onnxruntime_faces(seeds, psi=1.0):
+        return to_pixels(session.run(None, {"z": latents(seeds, 16, psi=psi)})[0]).astype(int)
+
+    browser.get(site + "?seeds=3,7")
+    wait_for_renders(browser, 1)
+    assert browser.find_element(By.ID, "status").text.startswith("ready: 2 faces")
+    assert browser.find_element(By.ID, "seeds").get_attribute("value") == "3,7"
+    expected = onnxruntime_faces([3, 7])
+    assert expected.std() > 10 and not np.array_equal(expected[0], expected[1])
+    assert_same_pixels(face_pixels(browser, 2, 32), expected)
+
+    show(browser, "7", "1")  # alone, in a batch of one: the same face
+    assert_same_pixels(face_pixels(browser, 1, 32), expected[1:])
+    show(browser, "7,3,100-102", "0.6")
+    assert_same_pixels(face_pixels(browser, 5, 32), onnxruntime_faces([7, 3, 100, 101, 102], 0.6))
+    assert (
+        "seeds=7%2C3%2C100%2C101%2C102" in browser.current_url and "psi=0.6" in browser.current_url
+    )
+
+    show(browser, "1-3,x", "1", drawn=False)  # a mistake is reported, and nothing is drawn
+    assert "is not a seed or a range" in browser.find_element(By.ID, "status").text
+    assert browser.execute_script("return window.distgan.seeds") == [7, 3, 100, 101, 102]
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_a_grayscale_uniform_model_is_drawn_in_gray_from_uniform_z(site, browser, tmp_path):
+    weight = linear_onnx_generator(tmp_path / "same-gray.onnx", z_dim=8, resolution=4, channels=1)
+    browser.get(site.replace("index.html", "index.html?model=gray.onnx&seeds=5,9,12&psi=0.6"))
+    wait_for_renders(browser, 1)
+    assert "z uniform" in browser.find_element(By.ID, "status").text
+    page = face_pixels(browser, 3, 4)
+    assert np.array_equal(page[..., 0], page[..., 1]) and np.array_equal(page[..., 0], page[..., 2])
+    z = latents([5, 9, 12], 8, "uniform", psi=0.6)
+    expected = to_pixels(np.tanh(z @ weight).reshape(-1, 1, 4, 4)).astype(int)
+    assert expected.std() > 20
+    assert_same_pixels(page[..., 0], expected)

@@ -1,37 +1,78 @@
 // Draws faces from a distgan ONNX generator: input z [batch, z_dim] float32, output either
-// float32 [batch, 3, H, W] in [-1, 1] or uint8 [batch, H, W, 3] (models exported with --uint8).
+// float32 [batch, C, H, W] in [-1, 1] or uint8 [batch, H, W, C] (models exported with --uint8),
+// C = 3 (RGB) or 1 (grayscale). Each face's z comes from its seed (latents.js), the same z as
+// `python -m export generate --seeds`: ?seeds=3,7 (or the seeds field) shows those faces again.
 "use strict";
 
-const GRID = 4; // faces per side of the canvas
+const MAX_FACES = 64;
+const NEW_FACES = 16;
+const CANVAS_SIZE = 512; // target width; faces are scaled by a whole factor, pixels stay sharp
 const params = new URLSearchParams(location.search);
 const modelUrl = params.get("model") || "model.onnx";
-let seed = Number(params.get("seed") || 1);
 const canvas = document.getElementById("faces");
 const status = document.getElementById("status");
 const newButton = document.getElementById("new");
+const seedsField = document.getElementById("seeds");
+const psiField = document.getElementById("psi");
 const walk = document.getElementById("walk");
-const state = { session: null, zDim: 0, from: null, to: null, renders: 0 };
+const { latents, parseSeeds, MAX_SEED } = window.distganLatents;
+const state = {
+  session: null, zDim: 0, zDistribution: "normal", seeds: [], walkSeeds: [], psi: 1,
+  from: null, to: null, renders: 0,
+};
 window.distgan = state; // read by the browser test
 
-function random() {
-  // mulberry32: a small seeded PRNG, so ?seed=N always shows the same faces
-  seed = (seed + 0x6d2b79f5) | 0;
-  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-  return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+function randomSeeds(count, avoid = []) {
+  const seeds = new Set();
+  while (seeds.size < count) {
+    const seed = Math.floor(Math.random() * 100000); // short seeds: easy to read and type
+    if (!avoid.includes(seed)) seeds.add(seed);
+  }
+  return [...seeds];
 }
 
-function gaussians(count) {
-  const out = new Float32Array(count);
-  for (let i = 0; i < count; i++) {
-    const u = 1 - random(), v = random(); // Box-Muller
-    out[i] = Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
+function readVarint(bytes, at) {
+  let value = 0, scale = 1, byte;
+  do {
+    byte = bytes[at.offset++];
+    value += (byte & 0x7f) * scale; // arithmetic, not shifts: lengths can pass 2**31
+    scale *= 128;
+  } while (byte & 0x80);
+  return value;
+}
+
+function protobufFields(bytes, onField) {
+  // Calls onField(number, bytes) for each length-delimited field of one protobuf message.
+  const at = { offset: 0 };
+  while (at.offset < bytes.length) {
+    const tag = readVarint(bytes, at);
+    const wire = tag % 8;
+    if (wire === 0) readVarint(bytes, at);
+    else if (wire === 1) at.offset += 8;
+    else if (wire === 5) at.offset += 4;
+    else if (wire === 2) {
+      const length = readVarint(bytes, at);
+      onField(Math.floor(tag / 8), bytes.subarray(at.offset, at.offset + length));
+      at.offset += length;
+    } else throw new Error(`unexpected protobuf wire type ${wire}`);
   }
-  return out;
+}
+
+function modelMetadata(bytes) {
+  // ModelProto.metadata_props (field 14: key 1, value 2): onnxruntime-web does not expose them.
+  const metadata = {};
+  const text = new TextDecoder();
+  protobufFields(bytes, (number, entry) => {
+    if (number !== 14) return;
+    const pair = {};
+    protobufFields(entry, (field, value) => { pair[field] = text.decode(value); });
+    metadata[pair[1]] = pair[2];
+  });
+  return metadata;
 }
 
 function slerp(a, b, t, zDim) {
-  // Interpolate each face's latent along the great circle, as `python -m export generate` does.
+  // Each face's latent along the great circle, as `python -m export generate` does.
   const out = new Float32Array(a.length);
   for (let f = 0; f < a.length / zDim; f++) {
     let dot = 0, na = 0, nb = 0;
@@ -45,15 +86,24 @@ function slerp(a, b, t, zDim) {
   return out;
 }
 
+function interpolate(a, b, t) {
+  // Normal latents go along the great circle; uniform ones in a straight line (inside their cube).
+  if (t === 0) return a;
+  if (state.zDistribution === "normal") return slerp(a, b, t, state.zDim);
+  return a.map((value, i) => (1 - t) * value + t * b[i]);
+}
+
 function toRgba(output, face) {
-  // One face of the output tensor as RGBA bytes.
+  // One face of the output tensor as RGBA bytes, rounded as `generate` rounds (floor(x + 0.5)).
   const uint8 = output.type === "uint8";
   const [h, w] = uint8 ? output.dims.slice(1, 3) : output.dims.slice(2, 4);
+  const channels = uint8 ? output.dims[3] : output.dims[1];
   const rgba = new Uint8ClampedArray(h * w * 4);
-  const data = output.data, plane = h * w, base = face * plane * 3;
+  const data = output.data, plane = h * w, base = face * plane * channels;
   for (let p = 0; p < plane; p++) {
     for (let c = 0; c < 3; c++) {
-      rgba[p * 4 + c] = uint8 ? data[base + p * 3 + c] : (data[base + c * plane + p] + 1) * 127.5 + 0.5;
+      const k = channels === 1 ? 0 : c; // grayscale: the one channel in R, G and B
+      rgba[p * 4 + c] = uint8 ? data[base + p * channels + k] : Math.floor((data[base + k * plane + p] + 1) * 127.5 + 0.5);
     }
     rgba[p * 4 + 3] = 255;
   }
@@ -61,47 +111,87 @@ function toRgba(output, face) {
 }
 
 async function render() {
-  const t = Number(walk.value) / 100;
-  const z = slerp(state.from, state.to, t, state.zDim);
+  const count = state.seeds.length;
+  const z = interpolate(state.from, state.to, Number(walk.value) / 100);
   const started = performance.now();
-  const feeds = { [state.session.inputNames[0]]: new ort.Tensor("float32", z, [GRID * GRID, state.zDim]) };
+  const feeds = { [state.session.inputNames[0]]: new ort.Tensor("float32", z, [count, state.zDim]) };
   const output = (await state.session.run(feeds))[state.session.outputNames[0]];
+  const images = Array.from({ length: count }, (_, f) => toRgba(output, f));
+  const columns = Math.ceil(Math.sqrt(count)), rows = Math.ceil(count / columns);
+  const size = images[0].width;
+  const cell = size * Math.max(1, Math.floor(CANVAS_SIZE / (columns * size)));
+  canvas.width = columns * cell;
+  canvas.height = rows * cell;
   const ctx = canvas.getContext("2d");
-  const cell = canvas.width / GRID;
+  ctx.imageSmoothingEnabled = false; // whole-factor nearest-neighbour scaling: each pixel a block
   const scratch = document.createElement("canvas");
-  for (let f = 0; f < GRID * GRID; f++) {
-    const image = toRgba(output, f);
+  images.forEach((image, f) => {
     scratch.width = image.width;
     scratch.height = image.height;
     scratch.getContext("2d").putImageData(image, 0, 0);
-    ctx.drawImage(scratch, (f % GRID) * cell, Math.floor(f / GRID) * cell, cell, cell);
-  }
+    ctx.drawImage(scratch, (f % columns) * cell, Math.floor(f / columns) * cell, cell, cell);
+  });
   state.renders += 1;
-  status.textContent = `ready: ${GRID * GRID} faces in ${(performance.now() - started).toFixed(0)} ms (z_dim ${state.zDim})`;
+  const took = (performance.now() - started).toFixed(0);
+  status.textContent = `ready: ${count} faces in ${took} ms (z_dim ${state.zDim}, z ${state.zDistribution})`;
 }
 
-function newFaces() {
-  state.from = gaussians(GRID * GRID * state.zDim);
-  state.to = gaussians(GRID * GRID * state.zDim);
+function showSeeds(seeds) {
+  // The faces of `seeds` (and, on the slider, a walk to as many others), kept in the URL to share.
+  state.seeds = seeds;
+  state.walkSeeds = randomSeeds(seeds.length, seeds);
+  state.from = latents(seeds, state.zDim, state.zDistribution, state.psi);
+  state.to = latents(state.walkSeeds, state.zDim, state.zDistribution, state.psi);
+  seedsField.value = seeds.join(",");
   walk.value = 0;
+  params.set("seeds", seedsField.value);
+  if (state.psi !== 1) params.set("psi", String(state.psi));
+  else params.delete("psi");
+  history.replaceState(null, "", `?${params}`);
   return render();
+}
+
+function showTyped() {
+  // The seeds and psi typed in the fields; a mistake is shown in the status line, nothing drawn.
+  try {
+    const seeds = parseSeeds(seedsField.value, MAX_FACES);
+    const psi = psiField.value.trim() === "" ? 1 : Number(psiField.value); // empty: no truncation
+    if (!(psi >= 0 && psi <= 1)) throw new Error(`psi ${psiField.value} is not allowed: use 0 .. 1`);
+    state.psi = psi;
+    return showSeeds(seeds);
+  } catch (err) {
+    status.textContent = `${err.message} (seeds are 0 .. ${MAX_SEED}, at most ${MAX_FACES} faces)`;
+    return Promise.resolve();
+  }
 }
 
 async function main() {
   ort.env.wasm.numThreads = 1; // threads need cross-origin isolation headers a plain server lacks
+  let metadata;
   try {
-    state.session = await ort.InferenceSession.create(modelUrl);
+    const response = await fetch(modelUrl);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    metadata = modelMetadata(bytes);
+    state.session = await ort.InferenceSession.create(bytes);
   } catch (err) {
     status.textContent = `could not load ${modelUrl}: ${err.message}`;
     throw err;
   }
   const meta = state.session.inputMetadata && state.session.inputMetadata[0];
   const declared = meta && meta.shape && meta.shape[1];
-  state.zDim = Number.isInteger(declared) ? declared : Number(params.get("z_dim") || 100);
+  state.zDim = Number.isInteger(declared) ? declared : Number(metadata.z_dim || params.get("z_dim") || 100);
+  // Models from before the key was written, and foreign ones, were trained on N(0, 1).
+  state.zDistribution = (metadata.z_distribution || "normal").startsWith("uniform") ? "uniform" : "normal";
+  seedsField.value = params.get("seeds") || randomSeeds(NEW_FACES).join(",");
+  psiField.value = params.get("psi") || "1";
   newButton.disabled = false;
-  newButton.addEventListener("click", newFaces);
+  newButton.addEventListener("click", () => { seedsField.value = randomSeeds(NEW_FACES).join(","); showTyped(); });
+  document.getElementById("show").addEventListener("click", showTyped);
+  seedsField.addEventListener("change", showTyped);
+  psiField.addEventListener("change", showTyped);
   walk.addEventListener("input", render);
-  await newFaces();
+  await showTyped();
 }
 
 main();

@@ -1,0 +1,423 @@
+"""Hugging Face Hub model folders: a run's final (EMA) generator as `RUN/hub/` (config.json,
+model.safetensors, a model card README.md showing the final sample grid), loading one back
+(`Generator.from_pretrained`), and `python -m distgan.hub {save,push}`.
+
+The folder is written by the main process into a staging folder that is renamed into place when
+complete. An existing folder is replaced only when distgan wrote it and nothing in it changed
+since (its manifest of file hashes says so): a card the user edited is never overwritten.
+Loading reads safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from huggingface_hub import (
+    CommitOperationAdd,
+    EvalResult,
+    ModelCard,
+    ModelCardData,
+    create_commit,
+    create_repo,
+    get_token,
+    snapshot_download,
+)
+from huggingface_hub.errors import HFValidationError, HTTPError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from distgan import __version__
+from distgan.checkpoint import (
+    EMA_FILE,
+    GENERATOR_META,
+    GENERATOR_WEIGHTS,
+    TrainerState,
+    list_checkpoints,
+    load_generator,
+    read_trainer_state,
+    save_generator,
+)
+from distgan.config import Config, load_toml, make_config
+from distgan.errors import UserError, first_line
+from distgan.files import write_atomically, write_json_atomically, write_text_atomically
+from distgan.models import Generator
+from distgan.report import read_jsonl
+
+HUB_DIR = "hub"  # in a run folder
+CONFIG_FILE = "config.json"  # generator.json's contents, under the Hub's name
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+SAMPLES_FILE = "samples.png"
+MANIFEST_FILE = ".distgan-manifest.json"  # what distgan wrote: {name: sha256}; never uploaded
+LIBRARY = "distgan"
+PIPELINE_TAG = "unconditional-image-generation"
+TAGS = ["dcgan", "gan", "pytorch", "safetensors"]
+REPO_PLACEHOLDER = "USER/NAME"  # in the card; `push` puts the repo id in its place
+BUILTIN_DATA = "built-in faces"
+
+
+def data_label(cfg: Config) -> str:
+    """What the card calls the training data: the data folder's name, or the built-in faces."""
+    return Path(cfg.data.data_dir).name if cfg.data.data_dir else BUILTIN_DATA
+
+
+def final_score(run_dir: Path, step: int) -> dict | None:
+    """The FID/KID that training measured for the generator of `step` with the Inception
+    features (none: pixel features are a smoke test, not FID), from metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    records = read_jsonl(path) if path.is_file() else []
+    scored = [
+        r
+        for r in records
+        if r.get("step") == step
+        and "fid" in r
+        and str(r.get("feature_extractor", "")).startswith("inception")
+    ]
+    return scored[-1] if scored else None
+
+
+def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: bool) -> ModelCard:
+    """The card: metadata the Hub indexes (YAML) and a page saying what the model is, how it was
+    trained, how well it scores and how to use it."""
+    model, tc = state.model, cfg.train
+    data = data_label(cfg)
+    metadata = {
+        "resolution": model.resolution,
+        "channels": model.channels,
+        "z_dim": model.z_dim,
+        "z_distribution": model.z_distribution,
+        "training_data": data,
+        "steps": state.step,
+        "images_seen": state.images_seen,
+        "distgan_version": __version__,
+    }
+    results = None
+    if score is not None:
+        metadata.update(fid=round(score["fid"], 4), kid=round(score["kid_mean"], 6))
+        common = {"task_type": PIPELINE_TAG, "dataset_type": data, "dataset_name": data}
+        counts = {"n_fake": score["n_fake"], "n_real": score["n_real"], "features": "inception-v3"}
+        results = [
+            EvalResult(
+                **common,
+                metric_type=key,
+                metric_name=key.upper(),
+                metric_value=metadata[key],
+                metric_args=counts,
+            )
+            for key in ("fid", "kid")
+        ]
+    card_data = ModelCardData(
+        library_name=LIBRARY,
+        pipeline_tag=PIPELINE_TAG,
+        tags=TAGS,
+        model_name=name if results else None,  # the model-index's name; alone it says nothing
+        eval_results=results,
+        **metadata,
+    )
+    colour = "grayscale" if model.channels == 1 else "RGB"
+    z_law = "U[-1, 1]" if model.z_distribution == "uniform" else "N(0, 1)"
+    lines = [f"# {name}", ""]
+    lines += [
+        f"A DCGAN generator ({model.resolution}x{model.resolution} {colour} images from a "
+        f"{model.z_dim}-d latent z ~ {z_law}) trained with distgan on {data}: the exponential "
+        "moving average (EMA) of the generator's weights at the end of training.",
+        "",
+    ]
+    if samples:
+        lines += [
+            f"![Samples of the EMA generator at step {state.step}]({SAMPLES_FILE})",
+            "",
+            f"*The EMA generator at step {state.step}, on the run's fixed z.*",
+            "",
+        ]
+    measured = (
+        f"FID {score['fid']:.2f}, KID {score['kid_mean']:.4f} ({score['n_fake']} generated vs "
+        f"{score['n_real']} real images, Inception-v3 features)"
+        if score
+        else "not measured at the last step (train with `--eval-every`)"
+    )
+    minutes = state.wall_time / 60
+    took = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+    lines += [
+        "## Training",
+        "",
+        f"- Data: {data}, at {model.resolution}x{model.resolution}",
+        f"- Steps: {state.step} ({state.images_seen:,} images, global batch "
+        f"{state.global_batch or tc.batch_size}), {took} of training",
+        f"- Loss {tc.loss}, Adam lr G {tc.lr_g:g} / D {tc.lr_d:g}, betas ({tc.beta1:g}, "
+        f"{tc.beta2:g}), EMA decay {tc.ema_decay:g}, precision {state.precision or 'no'}",
+        f"- Generator width {model.g_channels}, discriminator width {model.d_channels}",
+        f"- Scores: {measured}",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from distgan.models import Generator, sample_latents",
+        "",
+        f'generator = Generator.from_pretrained("{REPO_PLACEHOLDER}")  # or a local folder',
+        "images = generator(sample_latents(generator.config, 16))  # [16, C, H, W] in [-1, 1]",
+        "```",
+        "",
+        f"Fine-tune it on a folder of images: `python launch/train.py --init-from "
+        f"{REPO_PLACEHOLDER} --data-dir DIR`. Where the repository holds an ONNX export: "
+        "`python -m export generate --model FILE.onnx --num 16 --out-dir faces` (onnxruntime "
+        "only).",
+        "",
+    ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def replaceable(folder: Path) -> bool:
+    """Whether `folder` is one distgan wrote and nothing in it changed since: exactly the files
+    of its manifest, byte for byte."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        entries = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*")}
+    except (OSError, ValueError):
+        return False
+    entries.pop(MANIFEST_FILE)
+    if not isinstance(manifest, dict) or entries.keys() != manifest.keys():
+        return False
+    return all(path.is_file() and _sha256(path) == manifest[n] for n, path in entries.items())
+
+
+def save_model_folder(
+    run_dir: str | Path, generator: Generator, cfg: Config, state: TrainerState, out=None
+) -> Path:
+    """Write the model folder of `generator` (the EMA G of `state`), by default `RUN/hub/`:
+    config.json + model.safetensors (the pair generator.json + generator.safetensors, under the
+    Hub's names), the final sample grid and the card. Main process only."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / HUB_DIR
+    if out.exists() and not replaceable(out):
+        raise UserError(
+            f"{out} holds files distgan did not write, or changed since: move it away, or write "
+            f"the folder elsewhere with `python -m distgan.hub save {run_dir} --out DIR`"
+        )
+    staging, doomed = out.with_name(f".staging-{out.name}"), out.with_name(f".deleting-{out.name}")
+    for leftover in (staging, doomed):  # of a crash
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        save_generator(staging, generator, step=state.step, images_seen=state.images_seen)
+        (staging / GENERATOR_WEIGHTS).rename(staging / WEIGHTS_FILE)
+        (staging / GENERATOR_META).rename(staging / CONFIG_FILE)
+        grid = run_dir / "samples" / f"step-{state.step:08d}.png"
+        if grid.is_file():
+            write_atomically(staging / SAMPLES_FILE, lambda tmp: shutil.copyfile(grid, tmp))
+        name = f"distgan DCGAN {state.model.resolution}px: {run_dir.resolve().name}"
+        score = final_score(run_dir, state.step)
+        card = model_card(cfg, state, name=name, score=score, samples=grid.is_file())
+        write_text_atomically(staging / CARD_FILE, str(card))
+        manifest = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        write_json_atomically(staging / MANIFEST_FILE, manifest, indent=2)
+        if out.exists():  # ours and unchanged: replaced in two renames
+            out.rename(doomed)
+        try:
+            staging.rename(out)
+        except OSError:
+            if doomed.exists():
+                doomed.rename(out)  # the old one back, as before
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return out
+
+
+def save_at_end(run_dir: Path, generator: Generator, cfg: Config, state: TrainerState) -> None:
+    """The model folder at the end of training (main process). When it cannot be written, a
+    note instead of an error: the run is done, and its generator is in generator.safetensors."""
+    try:
+        save_model_folder(run_dir, generator, cfg, state)
+    except Exception as err:  # the card's libraries raise their own errors too
+        print(f"note: no Hub model folder written: {first_line(err, 300)}", flush=True)
+
+
+def save_from_run(run_dir: str | Path, out=None) -> Path:
+    """`python -m distgan.hub save RUN`: the folder of the EMA G in the run's newest checkpoint
+    (the final one, for a finished run) and the run's config.toml."""
+    run_dir = Path(run_dir)
+    kept = list_checkpoints(run_dir / "checkpoints")
+    if not kept or not (run_dir / "config.toml").is_file():
+        raise UserError(
+            f"{run_dir} is not a distgan run folder (no checkpoints/step-* and config.toml): "
+            "pass the --out-dir of a training run"
+        )
+    state = read_trainer_state(kept[-1])
+    generator = Generator(state.model)
+    try:
+        generator.load_state_dict(load_file(str(kept[-1] / EMA_FILE)))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"{kept[-1] / EMA_FILE} could not be loaded ({first_line(err)})") from None
+    cfg = make_config(load_toml(run_dir / "config.toml"))
+    return save_model_folder(run_dir, generator.eval(), cfg, state, out)
+
+
+def local_folder(source: str, revision: str | None = None) -> Path:
+    """The folder `source` names: a local one, or a Hub repo's files (config.json and
+    model.safetensors only), downloaded into the Hugging Face cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(
+                f"{source} is a file: pass a distgan model folder ({CONFIG_FILE} + "
+                f"{WEIGHTS_FILE}, such as RUN/{HUB_DIR}) or a Hub repo id"
+            )
+        return path
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise UserError(
+            f"{source} does not exist, and is not a Hub repo id (user/name) either"
+        ) from None
+    try:
+        downloaded = snapshot_download(
+            source,
+            revision=revision,
+            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
+            library_name=LIBRARY,
+            library_version=__version__,
+        )
+    except (OSError, ValueError, HTTPError) as err:
+        raise UserError(
+            f"could not download {source} from the Hugging Face Hub ({first_line(err, 160)}): "
+            "check the name and the network (a private repo needs `hf auth login`)"
+        ) from None
+    return Path(downloaded)
+
+
+def load_pretrained(source: str | Path, *, revision: str | None = None) -> Generator:
+    """A Generator in eval mode from a distgan model folder or a Hub repo id holding one
+    (`Generator.from_pretrained`): safetensors weights and a JSON config, nothing unpickled."""
+    folder = local_folder(str(source), revision)
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise UserError(
+            f"{source} is not a distgan model folder (no {' or '.join(missing)}): pass a folder "
+            f"distgan wrote (RUN/{HUB_DIR}, `python -m distgan.hub save RUN`) or its Hub repo id"
+        )
+    generator, _ = load_generator(folder / WEIGHTS_FILE, meta_name=CONFIG_FILE)
+    return generator
+
+
+def upload_set(path: str | Path, onnx=()) -> dict[str, Path]:
+    """What `push` uploads, by name in the repository: the model folder's files (hidden ones, the
+    manifest, stay home), and ONNX exports: the files given, else a run's own `RUN/*.onnx`.
+    `path` is a run folder (its hub/) or a model folder; the model in it is loaded as a check."""
+    path = Path(path)
+    folder = path if (path / CONFIG_FILE).is_file() else path / HUB_DIR
+    if not (folder / CONFIG_FILE).is_file():
+        raise UserError(
+            f"{path} has no model folder ({HUB_DIR}/{CONFIG_FILE}): write it with "
+            f"`python -m distgan.hub save {path}`"
+        )
+    load_pretrained(folder)  # a broken folder is never uploaded
+    files = {}
+    for file in sorted(folder.rglob("*")):
+        name = file.relative_to(folder).as_posix()
+        if file.is_file() and not any(part.startswith(".") for part in name.split("/")):
+            files[name] = file
+    exports = [Path(p) for p in onnx] or (sorted(path.glob("*.onnx")) if folder != path else [])
+    for export in exports:
+        if not export.is_file():
+            raise UserError(
+                f"--onnx {export} does not exist: export it with `python -m export onnx`"
+            )
+        if export.name in files and files[export.name].resolve() != export.resolve():
+            raise UserError(
+                f"{export} and {files[export.name]} would both be {export.name} in the "
+                "repository: rename one"
+            )
+        files[export.name] = export
+    return files
+
+
+def push(path, repo_id: str, *, private: bool = False, onnx=(), log=print) -> str:
+    """Upload the upload set of `path` to the model repo `repo_id` (created if needed) in one
+    commit; the card's placeholder becomes the repo id. Returns the repo's URL."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"--repo-id {repo_id!r} is not a Hub repo id: use user/name") from None
+    files = upload_set(path, onnx)
+    if get_token() is None:
+        raise UserError(
+            "no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN), then push again"
+        )
+    operations = []
+    for name, file in files.items():
+        log(f"  {name} ({file.stat().st_size:,} bytes)")
+        content = str(file)
+        if name == CARD_FILE:
+            content = file.read_text(encoding="utf-8").replace(REPO_PLACEHOLDER, repo_id).encode()
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    try:
+        url = create_repo(repo_id, private=private or None, exist_ok=True)
+        create_commit(repo_id, operations, commit_message="Upload distgan generator")
+    except (OSError, ValueError, HTTPError) as err:
+        raise UserError(
+            f"could not upload to {repo_id} ({type(err).__name__}: {first_line(err, 160)}): "
+            "check the network, and that your token may write to that namespace"
+        ) from None
+    return str(url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distgan.hub", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    save = commands.add_parser("save", help="(re)write a run's model folder from its checkpoint")
+    save.add_argument("run", type=Path, help="a training output folder")
+    save.add_argument("--out", type=Path, help=f"the folder to write (default: RUN/{HUB_DIR})")
+    push_ = commands.add_parser("push", help="upload a run's model folder to the Hub")
+    push_.add_argument(
+        "run", type=Path, help=f"a training output folder (its {HUB_DIR}/) or a model folder"
+    )
+    push_.add_argument(
+        "--repo-id", required=True, help="the model repo, user/name (created if needed)"
+    )
+    push_.add_argument("--private", action="store_true", help="create the repo private")
+    push_.add_argument(
+        "--onnx",
+        type=Path,
+        nargs="+",
+        default=(),
+        help="ONNX exports to upload too (default: RUN/*.onnx)",
+    )
+    push_.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded, upload nothing"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "save":
+            print(f"wrote {save_from_run(args.run, args.out)}")
+        elif args.dry_run:
+            for name, file in upload_set(args.run, args.onnx).items():
+                print(f"{name}\t{file}")
+        else:
+            url = push(args.run, args.repo_id, private=args.private, onnx=args.onnx)
+            print(f"uploaded to {url}")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
