@@ -6,13 +6,22 @@ one line, and the web page's twin (export/web/latents.js, run under node) gives 
 import json
 import shutil
 import subprocess
+from typing import get_args
 
 import numpy as np
 import pytest
 from conftest import REPO
 
 from distgan.errors import UserError
-from export.latents import MAX_SEED, latents, parse_seeds, seed_values, triple32
+from distgan.models import ZDistribution
+from export.latents import (
+    MAX_SEED,
+    Z_DISTRIBUTIONS,
+    latents,
+    parse_seeds,
+    seed_values,
+    triple32,
+)
 
 LATENTS_JS = REPO / "export" / "web" / "latents.js"
 
@@ -125,3 +134,8 @@ console.log(JSON.stringify(out));
         assert (ours != theirs).mean() < 1e-3, name
     assert web["specs"] == [parse_seeds("0-3,100"), parse_seeds(" 7 , 2-3")]
     assert all(web["errors"]), web["errors"]  # the same specs are refused
+
+
+def test_export_knows_every_z_distribution_the_models_train_with():
+    # export cannot import torch (models.py): its own list must follow the models' Literal.
+    assert get_args(ZDistribution) == Z_DISTRIBUTIONS
