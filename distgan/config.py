@@ -480,6 +480,19 @@ FIXED_ON_RESUME = {f.name for f in dataclasses.fields(ModelConfig)} | {
 NOT_COMPARED_ON_RESUME = frozenset({"out_dir", "resume"})
 
 
+# Fields added after runs were first saved whose default is not what a config.toml without them
+# trained with: a run resumed from such a file goes on as it was trained.
+BEFORE_THE_FIELD = {"train": {"augment": "none"}}
+
+
+def saved_run_config(path: str | Path) -> Config:
+    """The config a run saved in its config.toml, fields it predates filled in as it ran."""
+    sections = load_toml(path)
+    for section, values in BEFORE_THE_FIELD.items():
+        sections[section] = {**values, **sections.get(section, {})}
+    return make_config(sections)
+
+
 def resume_config(saved: Config, requested: Config) -> tuple[Config, dict[str, tuple]]:
     """The config a resumed run goes on with: the saved run's, with what the user changed
     (`requested.given`) applied. A change that cannot apply to a trained run (model, data,

@@ -43,7 +43,7 @@ from distgan.checkpoint import (
     read_trainer_state,
     save_generator,
 )
-from distgan.config import Config, load_toml, make_config
+from distgan.config import Config, saved_run_config
 from distgan.errors import UserError, first_line
 from distgan.files import write_atomically, write_json_atomically, write_text_atomically
 from distgan.models import Generator
@@ -263,7 +263,7 @@ def save_from_run(run_dir: str | Path, out=None) -> Path:
         generator.load_state_dict(load_file(str(kept[-1] / EMA_FILE)))
     except (OSError, RuntimeError, SafetensorError) as err:
         raise UserError(f"{kept[-1] / EMA_FILE} could not be loaded ({first_line(err)})") from None
-    cfg = make_config(load_toml(run_dir / "config.toml"))
+    cfg = saved_run_config(run_dir / "config.toml")
     return save_model_folder(run_dir, generator.eval(), cfg, state, out)
 
 

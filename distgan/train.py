@@ -36,7 +36,13 @@ from distgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
-from distgan.config import Config, TrainConfig, load_toml, make_config, parse_args, resume_config
+from distgan.config import (
+    Config,
+    TrainConfig,
+    parse_args,
+    resume_config,
+    saved_run_config,
+)
 from distgan.data import ImageLoader, prepare_images, resolve_channels
 from distgan.ema import EMA
 from distgan.env import require_one_dali_build, require_usable_cuda
@@ -166,7 +172,7 @@ def config_for_resume(cfg: Config, checkpoint: Path, model: ModelConfig):
     saved_toml = checkpoint.parent.parent / "config.toml"
     changes, note = {}, ""
     if saved_toml.is_file():
-        cfg, changes = resume_config(make_config(load_toml(saved_toml)), cfg)
+        cfg, changes = resume_config(saved_run_config(saved_toml), cfg)
     if not saved_toml.is_file() and model != cfg.model:
         note = f"note: resuming {checkpoint} (its run has no config.toml): the model comes from it"
     return Config(model=model, data=cfg.data, train=cfg.train, given=cfg.given), changes, note

@@ -17,6 +17,7 @@ from distgan.config import (
     load_toml,
     parse_args,
     resume_config,
+    saved_run_config,
 )
 from distgan.errors import UserError
 
@@ -186,3 +187,13 @@ def test_resume_refuses_other_channels_latents_or_init():
             resume_config(saved, parse_args(flags))
     config, changes = resume_config(saved, parse_args(["--channels", "1"]))
     assert changes == {} and config.data.channels == "1"
+
+
+def test_a_run_saved_before_augmentation_resumes_without_it(tmp_path):
+    # The default is diffaugment now; a config.toml without the field trained with none.
+    path = tmp_path / "config.toml"
+    parse_args([]).save_toml(path)
+    assert saved_run_config(path).train.augment == "diffaugment"
+    old = "\n".join(line for line in path.read_text().splitlines() if "augment" not in line)
+    path.write_text(old)
+    assert saved_run_config(path).train.augment == "none"
