@@ -32,13 +32,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from bench.quality_features import RECORD_FILE, RESOLUTION, load_images, load_net, train_features
 from bench.quality_metrics import NEAREST, Reference
 from bench.run import cpu_model, machine_slug
 from distgan.augment import AugmentMode
-from distgan.checkpoint import EMA_FILE, checkpoint_dir, load_generator
+from distgan.checkpoint import checkpoint_dir, load_checkpoint_ema, load_generator
 from distgan.config import make_config
 from distgan.data import find_images
 from distgan.ema import recalibrate_batchnorm
@@ -147,11 +146,8 @@ def train_one(plan: Plan, subset: int, augment: str, run_dir: Path, cache_dir: s
 def ema_generators(plan: Plan, run_dir: Path) -> dict[str, Generator]:
     """The EMA generator at the full budget (the run's generator file) and half-way."""
     final, _ = load_generator(run_dir)
-    half = Generator(final.config)
-    half.load_state_dict(
-        load_file(str(checkpoint_dir(run_dir / "checkpoints", plan.half) / EMA_FILE))
-    )
-    return {"half": half.eval().requires_grad_(False), "full": final}
+    half = load_checkpoint_ema(checkpoint_dir(run_dir / "checkpoints", plan.half), final.config)
+    return {"half": half.requires_grad_(False), "full": final}
 
 
 @torch.no_grad()

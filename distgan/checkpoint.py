@@ -33,6 +33,8 @@ from distgan.models import Generator, ModelConfig
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+# Accelerate's names for the prepared models of a checkpoint, in the order train.py prepares them.
+CHECKPOINT_G, CHECKPOINT_D = "model.safetensors", "model_1.safetensors"
 GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_META = "generator.json"
 GENERATOR_FORMAT = "distgan-generator"
@@ -100,6 +102,17 @@ def list_checkpoints(root: str | Path) -> list[Path]:
         if match and (path / STATE_FILE).is_file():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def load_checkpoint_ema(path: str | Path, model: ModelConfig) -> Generator:
+    """The EMA generator of a checkpoint folder (eval mode), read without Accelerate."""
+    ema_file = Path(path) / EMA_FILE
+    generator = Generator(model)
+    try:
+        generator.load_state_dict(load_file(str(ema_file)))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"{ema_file} could not be loaded ({first_line(err)})") from None
+    return generator.eval()
 
 
 def read_trainer_state(path: str | Path) -> TrainerState:

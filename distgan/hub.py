@@ -29,16 +29,14 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from distgan import __version__
 from distgan.checkpoint import (
-    EMA_FILE,
     GENERATOR_META,
     GENERATOR_WEIGHTS,
     TrainerState,
     list_checkpoints,
+    load_checkpoint_ema,
     load_generator,
     read_trainer_state,
     save_generator,
@@ -258,13 +256,9 @@ def save_from_run(run_dir: str | Path, out=None) -> Path:
             "pass the --out-dir of a training run"
         )
     state = read_trainer_state(kept[-1])
-    generator = Generator(state.model)
-    try:
-        generator.load_state_dict(load_file(str(kept[-1] / EMA_FILE)))
-    except (OSError, RuntimeError, SafetensorError) as err:
-        raise UserError(f"{kept[-1] / EMA_FILE} could not be loaded ({first_line(err)})") from None
+    generator = load_checkpoint_ema(kept[-1], state.model)
     cfg = saved_run_config(run_dir / "config.toml")
-    return save_model_folder(run_dir, generator.eval(), cfg, state, out)
+    return save_model_folder(run_dir, generator, cfg, state, out)
 
 
 def local_folder(source: str, revision: str | None = None) -> Path:

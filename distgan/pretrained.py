@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from distgan.checkpoint import (
+    CHECKPOINT_D,
+    CHECKPOINT_G,
     EMA_FILE,
     GENERATOR_META,
     STATE_FILE,
@@ -30,8 +32,6 @@ from distgan.errors import UserError, first_line
 from distgan.hub import load_pretrained
 from distgan.models import ModelConfig
 
-# Accelerate's names for the prepared models of a checkpoint, in the order train.py prepares them.
-CHECKPOINT_G, CHECKPOINT_D = "model.safetensors", "model_1.safetensors"
 # The model fields that shape only D: free to set when the source has no D (D starts fresh).
 D_ONLY_FIELDS = frozenset({"d_channels", "d_spectral_norm", "d_dropout", "leaky_slope", "init"})
 

@@ -87,6 +87,15 @@ def assert_stopped_with_a_checkpoint(out, stdout: str, reason: str) -> int:
     return step
 
 
+def assert_stops_cleanly(job, out, processes: list[psutil.Process], reason: str) -> str:
+    """The job exits 0, stopped by `reason` with a checkpoint, and leaves no process; its stderr."""
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stderr[-3000:]
+    assert_stopped_with_a_checkpoint(out, stdout, reason)
+    assert_none_left(processes)
+    return stderr
+
+
 def distgan_launch() -> list[str]:
     return [sys.executable, "-m", "distgan.launcher"]
 
@@ -97,11 +106,8 @@ def test_a_signal_to_the_launcher_checkpoints_and_exits_0(tmp_path, faces_cache,
     job = start(out, faces_cache, distgan_launch())
     processes = trainers_running(job, out, 2)
     job.send_signal(signum)
-    stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stderr[-3000:]
-    assert_stopped_with_a_checkpoint(out, stdout, signal.Signals(signum).name)
+    stderr = assert_stops_cleanly(job, out, processes, signal.Signals(signum).name)
     assert "Traceback" not in stderr
-    assert_none_left(processes)
 
 
 def test_a_signal_to_every_process_checkpoints_and_exits_0(tmp_path, faces_cache):
@@ -112,11 +118,8 @@ def test_a_signal_to_every_process_checkpoints_and_exits_0(tmp_path, faces_cache
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.send_signal(signal.SIGTERM)
-    stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stderr[-3000:]
-    assert_stopped_with_a_checkpoint(out, stdout, "SIGTERM")
+    stderr = assert_stops_cleanly(job, out, processes, "SIGTERM")
     assert "Traceback" not in stderr
-    assert_none_left(processes)
 
 
 def test_a_signal_to_one_trainer_stops_them_all(tmp_path, faces_cache):
@@ -125,11 +128,8 @@ def test_a_signal_to_one_trainer_stops_them_all(tmp_path, faces_cache):
     processes = trainers_running(job, out, 2)
     rank1 = next(p for p in processes if is_trainer(p) and p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGTERM)
-    stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stderr[-3000:]
     # The main process did not get the signal: it stopped on the agreed step all the same.
-    assert_stopped_with_a_checkpoint(out, stdout, "a signal to another process")
-    assert_none_left(processes)
+    assert_stops_cleanly(job, out, processes, "a signal to another process")
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, faces_cache):
@@ -180,7 +180,4 @@ def test_one_process_stops_the_same_way(tmp_path, faces_cache, signum):
     processes = trainers_running(job, out, 1)
     trainer = next(p for p in processes if is_trainer(p))
     trainer.send_signal(signum)
-    stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 0, stderr[-3000:]
-    assert_stopped_with_a_checkpoint(out, stdout, signal.Signals(signum).name)
-    assert_none_left(processes)
+    assert_stops_cleanly(job, out, processes, signal.Signals(signum).name)
