@@ -2,9 +2,10 @@
 of data and each augmentation setting, and whether augmentation earns its place as the default.
 
 It trains the real trainer (`distgan.train.train`) at 32 px on the first 500, 2,000 and 10,000
-built-in faces with each `--augment` setting, scores 1,000 samples of the EMA generator at half
-and at the full budget (the learning rates are constant, so the half-way checkpoint is what a run
-of half the steps ends with), with and without BatchNorm re-estimation
+built-in faces with each `--augment` setting, scores 1,000 samples of the EMA generator at each
+quarter of the budget (the learning rates are constant, so the half-way checkpoint is what a run
+of half the steps ends with; the four points show whether a run still improves or has turned
+worse), at the full budget also with BatchNorm re-estimation
 (`distgan.ema.recalibrate_batchnorm`), and puts the numbers on a scale: real faces against the
 reference (the floor) and uniform noise (the ceiling). Scores (bench/quality_metrics.py): the
 Fréchet distance in the features of a network trained to read the faces' drawing parameters
@@ -54,13 +55,14 @@ BASELINE = "none"  # today's default, which every other setting is measured agai
 SMALL_DATA_GAIN = 2.0  # goal: this many times lower distance than the baseline on small subsets
 SAMPLE_SEED = 1234  # the z of every scored sample set: the same faces-to-be for every generator
 GRID_IMAGES = 64
+CURVE_POINTS = 4  # each run's EMA generator is scored at each quarter of the budget
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     """What one benchmark run trains and scores."""
 
-    steps: int  # training steps of every run; the half-budget scores are at steps // 2
+    steps: int  # training steps of every run; scored at each quarter (half-budget: steps // 2)
     batch_size: int
     g_channels: int
     d_channels: int
@@ -68,11 +70,15 @@ class Plan:
     augments: tuple[str, ...]
     samples: int  # images scored per generator, and per set of the scale
     faces: int  # built-in faces loaded: the first half holds the floor, the second the reference
+    diffaugment_ops: tuple[str, ...] | None = None  # DiffAugment's ops; None: the trainer's default
     tiny: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 2:
-            raise UserError(f"--steps {self.steps} is too few: at least 2 (half-budget scores)")
+        if self.steps < CURVE_POINTS or self.steps % CURVE_POINTS:
+            raise UserError(
+                f"--steps {self.steps}: use a multiple of {CURVE_POINTS} (the runs are scored at "
+                "each quarter of the budget)"
+            )
         if self.samples > self.faces // 2:
             raise UserError(
                 f"--samples {self.samples} is more than half the {self.faces} faces: the real "
@@ -80,6 +86,8 @@ class Plan:
             )
         if max(self.subsets) > self.faces:
             raise UserError(f"--subsets {max(self.subsets)} is more than the {self.faces} faces")
+        if self.diffaugment_ops is not None:  # refused before any run trains, not at the first
+            make_config(diffaugment_ops=list(self.diffaugment_ops))
         unknown = sorted(set(self.augments) - set(AUGMENTS))
         if unknown or BASELINE not in self.augments:
             raise UserError(
@@ -90,6 +98,10 @@ class Plan:
     @property
     def half(self) -> int:
         return self.steps // 2
+
+    @property
+    def scored_steps(self) -> tuple[int, ...]:
+        return tuple(self.steps * k // CURVE_POINTS for k in range(1, CURVE_POINTS + 1))
 
 
 # About 12 minutes on the 2-core CPU this project is developed on, run alone. Half-width G and D
@@ -121,7 +133,7 @@ TINY = Plan(
 
 
 def train_one(plan: Plan, subset: int, augment: str, run_dir: Path, cache_dir: str | None):
-    """Train one run with the trainer itself; a checkpoint (with the EMA) half-way."""
+    """Train one run with the trainer itself; a checkpoint (with the EMA) at each scored step."""
     cfg = make_config(
         out_dir=str(run_dir),
         resume="none",
@@ -133,21 +145,25 @@ def train_one(plan: Plan, subset: int, augment: str, run_dir: Path, cache_dir: s
         builtin_faces=subset,
         cache_dir=cache_dir,
         augment=augment,
+        **({"diffaugment_ops": list(plan.diffaugment_ops)} if plan.diffaugment_ops else {}),
         seed=0,
-        log_every=min(10, plan.half),
+        log_every=min(10, plan.scored_steps[0]),
         sample_every=plan.steps,
-        ckpt_every=plan.half,
-        keep_checkpoints=3,  # the half-way one too, whatever the step count
+        ckpt_every=plan.scored_steps[0],
+        keep_checkpoints=CURVE_POINTS,
         report_to="none",
     )
     train(cfg)
 
 
-def ema_generators(plan: Plan, run_dir: Path) -> dict[str, Generator]:
-    """The EMA generator at the full budget (the run's generator file) and half-way."""
+def ema_generators(plan: Plan, run_dir: Path) -> dict[int, Generator]:
+    """The EMA generator at each scored step; at the last, the run's generator file."""
     final, _ = load_generator(run_dir)
-    half = load_checkpoint_ema(checkpoint_dir(run_dir / "checkpoints", plan.half), final.config)
-    return {"half": half.requires_grad_(False), "full": final}
+    generators = {
+        step: load_checkpoint_ema(checkpoint_dir(run_dir / "checkpoints", step), final.config)
+        for step in plan.scored_steps[:-1]
+    }
+    return {step: g.requires_grad_(False) for step, g in generators.items()} | {plan.steps: final}
 
 
 @torch.no_grad()
@@ -158,15 +174,17 @@ def generate(generator: Generator, z: torch.Tensor, batch_size: int = 250) -> to
     )
 
 
-def score_generator(reference: Reference, generator: Generator, z: torch.Tensor) -> dict:
-    """Scores of the generator as trained (`ema`) and with its BatchNorm statistics
-    re-estimated for its own weights (`ema_bn`)."""
-    recalibrated = copy.deepcopy(generator)
-    recalibrate_batchnorm(recalibrated)
-    return {
-        "ema": reference.score(generate(generator, z)),
-        "ema_bn": reference.score(generate(recalibrated, z)),
-    }
+def score_generator(
+    reference: Reference, generator: Generator, z: torch.Tensor, recalibrated: bool
+) -> dict:
+    """Scores of the generator as trained (`ema`) and, if `recalibrated`, with its BatchNorm
+    statistics re-estimated for its own weights (`ema_bn`)."""
+    scores = {"ema": reference.score(generate(generator, z))}
+    if recalibrated:
+        generator = copy.deepcopy(generator)
+        recalibrate_batchnorm(generator)
+        scores["ema_bn"] = reference.score(generate(generator, z))
+    return scores
 
 
 def measure_scale(reference: Reference, faces: torch.Tensor, plan: Plan) -> dict:
@@ -197,24 +215,24 @@ def evaluate_goals(runs: list[dict], plan: Plan) -> dict:
     whole set: no more than the baseline's; every subset: FD at half the steps no more than the
     baseline's at the full budget."""
     fd = {
-        (r["images"], r["augment"], at): r["scores"][at]["ema"]["fd"]
+        (r["images"], r["augment"], at): r["scores"][str(at)]["ema"]["fd"]
         for r in runs
-        for at in ("half", "full")
+        for at in (plan.half, plan.steps)
     }
     goals = {}
     for augment in plan.augments:
         checks = []
         for subset in plan.subsets:
-            baseline = fd[subset, BASELINE, "full"]
+            baseline = fd[subset, BASELINE, plan.steps]
             if augment != BASELINE:
                 small = subset < plan.faces
                 bound = baseline / SMALL_DATA_GAIN if small else baseline
                 what = (
                     f"{subset} images: <= {f'1/{SMALL_DATA_GAIN:g} of ' if small else ''}{BASELINE}"
                 )
-                checks.append({"goal": what, "fd": fd[subset, augment, "full"], "bound": bound})
+                checks.append({"goal": what, "fd": fd[subset, augment, plan.steps], "bound": bound})
             what = f"{subset} images, {plan.half} steps: <= {BASELINE} at {plan.steps}"
-            checks.append({"goal": what, "fd": fd[subset, augment, "half"], "bound": baseline})
+            checks.append({"goal": what, "fd": fd[subset, augment, plan.half], "bound": baseline})
         for check in checks:
             check["met"] = check["fd"] <= check["bound"]
         goals[augment] = {
@@ -231,7 +249,7 @@ def recommend(runs: list[dict], goals: dict, plan: Plan) -> dict:
 
     def full_fd(augment: str, subset: int) -> float:
         return next(
-            r["scores"]["full"]["ema"]["fd"]
+            r["scores"][str(plan.steps)]["ema"]["fd"]
             for r in runs
             if r["augment"] == augment and r["images"] == subset
         )
@@ -272,11 +290,15 @@ def run_benchmark(
             train_one(plan, subset, augment, run_dir, cache_dir)
             train_seconds = time.perf_counter() - start
             generators = ema_generators(plan, run_dir)
-            z = fixed_latents(generators["full"], plan.samples)
-            scores = {at: score_generator(reference, g, z) for at, g in generators.items()}
+            final = generators[plan.steps]
+            z = fixed_latents(final, plan.samples)
+            scores = {
+                str(at): score_generator(reference, g, z, recalibrated=at == plan.steps)
+                for at, g in generators.items()
+            }
             grid = samples_dir / f"{subset}-{augment}.png"
             with torch.no_grad():
-                save_grid(generators["full"](z[:GRID_IMAGES]), grid)
+                save_grid(final(z[:GRID_IMAGES]), grid)
             last = read_jsonl(run_dir / "metrics.jsonl")[-1]
             runs.append(
                 {
@@ -288,13 +310,15 @@ def run_benchmark(
                     "grid": f"{samples_dir.name}/{grid.name}",
                 }
             )
-            full = scores["full"]["ema"]
-            log(f"  FD {full['fd']:.3f}, coverage {full['coverage']:.3f} ({train_seconds:.0f} s)")
+            curve = ", ".join(f"{at}: {s['ema']['fd']:.1f}" for at, s in scores.items())
+            full = scores[str(plan.steps)]["ema"]
+            log(f"  FD {curve}; coverage {full['coverage']:.3f} ({train_seconds:.0f} s)")
     goals = evaluate_goals(runs, plan)
     return {
         "plan": asdict(plan),
         "resolution": RESOLUTION,
         "precision": resolve_mixed_precision("auto"),
+        "diffaugment_ops": list(plan.diffaugment_ops or make_config().train.diffaugment_ops),
         "feature_net": feature_net_summary(),
         "reference": f"built-in faces {plan.faces // 2}..{plan.faces - 1}",
         "coverage_k": NEAREST,
@@ -333,11 +357,14 @@ def feature_net_summary() -> dict:
 def markdown(result: dict) -> str:
     """The tables of a result: the scale, every run, the goals, the recommendation."""
     plan = result["plan"]
-    samples, half, full = plan["samples"], plan["steps"] // 2, plan["steps"]
+    samples, full = plan["samples"], plan["steps"]
+    scored = [str(full * k // CURVE_POINTS) for k in range(1, CURVE_POINTS + 1)]
+    ops = result.get("diffaugment_ops")  # results saved before the ops were chosen: all three
+    ops_note = f", DiffAugment ops {' '.join(ops)}" if ops else ""
     lines = [
         f"### Quality: built-in faces at {result['resolution']} px, {full} steps x batch "
         f"{plan['batch_size']}, G/D widths {plan['g_channels']}/{plan['d_channels']}, "
-        f"{result['precision']}, {samples} EMA samples per generator"
+        f"{result['precision']}, {samples} EMA samples per generator{ops_note}"
         + (" (tiny: a smoke test, not a measurement)" if plan["tiny"] else ""),
         "",
         f"`python -m bench.quality{' --tiny' if plan['tiny'] else ''}`, {result['date']}, "
@@ -359,17 +386,19 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | {scores['fd']:.3f} | {scores['coverage']:.3f} |")
     lines += [
         "",
-        f"| training images | augment | FD {half} steps | FD {full} steps | FD {full} steps, BN "
-        f"re-estimated | coverage {full} steps | coverage, BN re-estimated | ADA p | train s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| training images | augment | "
+        + " | ".join(f"FD {at} steps" for at in scored)
+        + f" | FD {full} steps, BN re-estimated | coverage {full} steps | coverage, BN "
+        "re-estimated | ADA p | train s |",
+        "|---:|---|" + "---:|" * (len(scored) + 5),
     ]
     for run in result["runs"]:
-        s = run["scores"]
+        curve = " | ".join(f"{run['scores'][at]['ema']['fd']:.3f}" for at in scored)
+        end = run["scores"][str(full)]
         aug_p = "" if run["aug_p"] is None else f"{run['aug_p']:.3f}"
         lines.append(
-            f"| {run['images']} | {run['augment']} | {s['half']['ema']['fd']:.3f} | "
-            f"{s['full']['ema']['fd']:.3f} | {s['full']['ema_bn']['fd']:.3f} | "
-            f"{s['full']['ema']['coverage']:.3f} | {s['full']['ema_bn']['coverage']:.3f} | "
+            f"| {run['images']} | {run['augment']} | {curve} | {end['ema_bn']['fd']:.3f} | "
+            f"{end['ema']['coverage']:.3f} | {end['ema_bn']['coverage']:.3f} | "
             f"{aug_p} | {run['train_seconds']:.0f} |"
         )
     lines += ["", "| augment | goal | FD | bound | met |", "|---|---|---:|---:|---|"]
@@ -378,16 +407,14 @@ def markdown(result: dict) -> str:
             met = "yes" if check["met"] else "no"
             figures = f"{check['fd']:.3f} | {check['bound']:.3f}"
             lines.append(f"| {augment} | {check['goal']} | {figures} | {met} |")
-    lines += ["", bn_summary(result["runs"]), "", recommendation_line(result)]
+    lines += ["", bn_summary(result["runs"], str(full)), "", recommendation_line(result)]
     return "\n".join(lines) + "\n"
 
 
-def bn_summary(runs: list[dict]) -> str:
-    """How BatchNorm re-estimation changes the EMA generators' FD, over every scored generator."""
+def bn_summary(runs: list[dict], full: str) -> str:
+    """How BatchNorm re-estimation changes the final EMA generators' FD."""
     ratios = sorted(
-        r["scores"][at]["ema_bn"]["fd"] / r["scores"][at]["ema"]["fd"]
-        for r in runs
-        for at in ("half", "full")
+        r["scores"][full]["ema_bn"]["fd"] / r["scores"][full]["ema"]["fd"] for r in runs
     )
     better = sum(ratio < 1 for ratio in ratios)
     median = ratios[len(ratios) // 2]
@@ -439,6 +466,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--subsets", type=int, nargs="+", help="numbers of training faces (default 500 2000 10000)"
     )
     parser.add_argument("--augments", nargs="+", help="augment settings (default: all)")
+    parser.add_argument(
+        "--diffaugment-ops",
+        nargs="+",
+        metavar="NAME",
+        help="DiffAugment's ops for the diffaugment runs (default: the trainer's default)",
+    )
     parser.add_argument(
         "--samples", type=int, help=f"images scored per generator (default {FULL.samples})"
     )
@@ -501,6 +534,7 @@ def plan_overrides(args: argparse.Namespace) -> dict:
         "samples": args.samples,
         "subsets": tuple(args.subsets) if args.subsets else None,
         "augments": tuple(args.augments) if args.augments else None,
+        "diffaugment_ops": tuple(args.diffaugment_ops) if args.diffaugment_ops else None,
     }
     return {name: value for name, value in given.items() if value is not None}
 

@@ -2,7 +2,8 @@
 
 - DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training"):
   colour (brightness, saturation, contrast), translation by up to 1/8 of the image with zero
-  fill, and cutout of a square half the image's side, on every image D sees.
+  fill, and cutout of a square half the image's side, on every image D sees; a policy picks
+  which of the three (the paper's: all).
 - ADA (Karras et al. 2020, "Training Generative Adversarial Networks with Limited Data"): each
   of xflip, rotate90, integer translation, isotropic scale, rotation, anisotropic scale,
   fractional translation, brightness, contrast, luma flip, hue rotation and saturation applied
@@ -22,12 +23,16 @@ format; the arithmetic is float32 whatever the autocast.
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Collection
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 AugmentMode = Literal["none", "diffaugment", "ada"]
+DiffAugmentOp = Literal["colour", "translation", "cutout"]
+DIFF_OPS: tuple[str, ...] = typing.get_args(DiffAugmentOp)  # the paper's policy: all three
 
 DIFF_TRANSLATION = 1 / 8  # of the image size
 DIFF_CUTOUT = 1 / 2
@@ -74,35 +79,41 @@ class _Draws:
         return self.uniform() < probability
 
 
-def diff_augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DiffAugment's colour, translation and cutout policy, as in the authors' code."""
+def diff_augment(
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    ops: Collection[str] = DIFF_OPS,
+) -> torch.Tensor:
+    """DiffAugment's ops (`ops`: some of colour, translation, cutout, applied in that order),
+    as in the authors' code."""
     x, layout = _float32(images)
     batch, channels, height, width = x.shape
     draw = _Draws(batch, x.device, generator)
-    # Colour.
-    x = x + (draw.uniform(1, 1, 1) - 0.5)
-    if channels == 3:
-        mean = x.mean(dim=1, keepdim=True)
-        x = (x - mean) * (draw.uniform(1, 1, 1) * 2) + mean
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * (draw.uniform(1, 1, 1) + 0.5) + mean
-    # Translation by whole pixels; what comes in is zero (mid-grey).
-    shift_y, shift_x = int(height * DIFF_TRANSLATION + 0.5), int(width * DIFF_TRANSLATION + 0.5)
-    dy, dx = draw.integers(-shift_y, shift_y + 1), draw.integers(-shift_x, shift_x + 1)
-    padded = F.pad(x, (1, 1, 1, 1))  # index 0 and size+1 read the zero border
-    rows = (torch.arange(height, device=x.device) + dy[:, None] + 1).clamp(0, height + 1)
-    cols = (torch.arange(width, device=x.device) + dx[:, None] + 1).clamp(0, width + 1)
-    padded = padded.gather(2, rows[:, None, :, None].expand(-1, channels, -1, width + 2))
-    x = padded.gather(3, cols[:, None, None, :].expand(-1, channels, height, -1))
-    # Cutout: a square of half the side set to zero, its centre anywhere in the image.
-    size_y, size_x = int(height * DIFF_CUTOUT + 0.5), int(width * DIFF_CUTOUT + 0.5)
-    top = draw.integers(0, height + (1 - size_y % 2)) - size_y // 2
-    left = draw.integers(0, width + (1 - size_x % 2)) - size_x // 2
-    row = torch.arange(height, device=x.device)[None, :] - top[:, None]
-    col = torch.arange(width, device=x.device)[None, :] - left[:, None]
-    inside_rows, inside_cols = (row >= 0) & (row < size_y), (col >= 0) & (col < size_x)
-    keep = ~(inside_rows[:, :, None] & inside_cols[:, None, :])
-    x = x * keep[:, None].to(x.dtype)
+    if "colour" in ops:
+        x = x + (draw.uniform(1, 1, 1) - 0.5)
+        if channels == 3:
+            mean = x.mean(dim=1, keepdim=True)
+            x = (x - mean) * (draw.uniform(1, 1, 1) * 2) + mean
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (draw.uniform(1, 1, 1) + 0.5) + mean
+    if "translation" in ops:  # by whole pixels; what comes in is zero (mid-grey)
+        shift_y = int(height * DIFF_TRANSLATION + 0.5)
+        shift_x = int(width * DIFF_TRANSLATION + 0.5)
+        dy, dx = draw.integers(-shift_y, shift_y + 1), draw.integers(-shift_x, shift_x + 1)
+        padded = F.pad(x, (1, 1, 1, 1))  # index 0 and size+1 read the zero border
+        rows = (torch.arange(height, device=x.device) + dy[:, None] + 1).clamp(0, height + 1)
+        cols = (torch.arange(width, device=x.device) + dx[:, None] + 1).clamp(0, width + 1)
+        padded = padded.gather(2, rows[:, None, :, None].expand(-1, channels, -1, width + 2))
+        x = padded.gather(3, cols[:, None, None, :].expand(-1, channels, height, -1))
+    if "cutout" in ops:  # a square of half the side set to zero, its centre anywhere
+        size_y, size_x = int(height * DIFF_CUTOUT + 0.5), int(width * DIFF_CUTOUT + 0.5)
+        top = draw.integers(0, height + (1 - size_y % 2)) - size_y // 2
+        left = draw.integers(0, width + (1 - size_x % 2)) - size_x // 2
+        row = torch.arange(height, device=x.device)[None, :] - top[:, None]
+        col = torch.arange(width, device=x.device)[None, :] - left[:, None]
+        inside_rows, inside_cols = (row >= 0) & (row < size_y), (col >= 0) & (col < size_x)
+        keep = ~(inside_rows[:, :, None] & inside_cols[:, None, :])
+        x = x * keep[:, None].to(x.dtype)
     return x.to(images.dtype).contiguous(memory_format=layout)
 
 
@@ -225,18 +236,19 @@ class Augment:
         self,
         mode: AugmentMode,
         *,
+        diff_ops: Collection[str] = DIFF_OPS,
         target: float = 0.6,
         kimg: float = 100.0,
         device: torch.device | str = "cpu",
     ):
-        self.mode, self.target, self.kimg = mode, target, kimg
+        self.mode, self.diff_ops, self.target, self.kimg = mode, tuple(diff_ops), target, kimg
         self.p = 0.0
         self.real_sign_sum = torch.zeros((), device=device)
         self.real_count = 0  # logits summed into real_sign_sum
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.mode == "diffaugment":
-            return diff_augment(images)
+            return diff_augment(images, ops=self.diff_ops)
         if self.mode == "ada":
             return ada_augment(images, self.p)
         return images

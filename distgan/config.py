@@ -22,7 +22,7 @@ from typing import Literal
 
 import tomli_w
 
-from distgan.augment import AugmentMode
+from distgan.augment import DIFF_OPS, AugmentMode
 from distgan.errors import UserError
 from distgan.files import write_text_atomically
 from distgan.losses import Loss
@@ -166,6 +166,11 @@ class TrainConfig:
     The default, diffaugment, gave the lowest distance on 500, 2,000 and 10,000 faces in
     `python -m bench.quality` (bench/README.md). Can change on resume."""
 
+    diffaugment_ops: list[str] = dataclasses.field(default_factory=lambda: list(DIFF_OPS))
+    """DiffAugment's ops with augment=diffaugment: one or more of colour, translation, cutout
+    (default: all three, the paper's policy for small data; bench/README.md compares them with
+    translation and cutout alone). Can change on resume."""
+
     ada_target: float = 0.6
     """ADA's target for E[sign(D(real))], the mean sign of D's logits on the real images (-1 to
     1): p rises while the mean is above it (D overfits) and falls while it is below."""
@@ -292,6 +297,12 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed: use 0 <= x < 1")
         if not 0.0 < self.real_label <= 1.0:
             raise ValueError(f"real_label={self.real_label} is not allowed: use 0 < x <= 1")
+        ops = self.diffaugment_ops
+        if not ops or len(set(ops)) != len(ops) or not set(ops) <= set(DIFF_OPS):
+            raise ValueError(
+                f"diffaugment_ops={ops!r} is not allowed: use one or more of "
+                f"{', '.join(DIFF_OPS)}, each once"
+            )
         if not -1.0 < self.ada_target < 1.0:
             raise ValueError(f"ada_target={self.ada_target} is not allowed: use -1 < x < 1")
         if not self.resume:
@@ -388,7 +399,8 @@ def _add_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None
         elif choices:  # checked by the dataclass, so a bad value is the same one-line error
             kwargs.update(type=str, metavar="{" + ",".join(choices) + "}")
         elif typing.get_origin(base) is list:
-            kwargs.update(type=typing.get_args(base)[0], nargs="+", metavar="N")
+            item = typing.get_args(base)[0]
+            kwargs.update(type=item, nargs="+", metavar="N" if item is int else "NAME")
         else:
             kwargs.update(type=base, metavar=base.__name__.upper())
         group.add_argument(_flag(f.name), **kwargs)

@@ -481,7 +481,8 @@ def build_gan(
     if tc.compile:  # around DDP, as PyTorch advises: the graph is split at gradient buckets
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
     models = {"generator": generator, "discriminator": discriminator}
-    augment = Augment(tc.augment, target=tc.ada_target, kimg=tc.ada_kimg, device=accelerator.device)
+    strengths = dict(diff_ops=tc.diffaugment_ops, target=tc.ada_target, kimg=tc.ada_kimg)
+    augment = Augment(tc.augment, **strengths, device=accelerator.device)
     return GAN(
         **models, opt_g=opt_g, opt_d=opt_d, generator_core=generator_core, ema=ema, augment=augment
     )

@@ -7,9 +7,11 @@ results keep the input's dtype and memory format under bf16 autocast and channel
 controller rises and falls with the sign of D's real logits, by images / (ada_kimg * 1000),
 within [0, 1]; every loss trains with augmentation; and end to end, ADA's p rises while D
 overfits 8 images, is logged as aug_p and resumes where it was (bitwise the uninterrupted run),
-DiffAugment runs, and augment can change on resume."""
+DiffAugment runs with the ops asked for and only those act, and augment and its ops can change
+on resume."""
 
 import json
+import tomllib
 
 import pytest
 import torch
@@ -58,6 +60,24 @@ def test_same_seed_same_ops_other_seed_other_ops(mode):
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert not torch.equal(first, x)
+
+
+def test_diffaugment_applies_exactly_the_ops_asked_for():
+    flat = torch.full((64, 3, 16, 16), 0.5)
+
+    def values(ops):
+        out = diff_augment(flat, seeded(0), ops=ops)
+        assert out.shape == flat.shape
+        return out
+
+    # Translation (zero fill) and cutout (zeros) only move the flat value or zero it.
+    for ops in [("translation",), ("cutout",), ("translation", "cutout")]:
+        out = values(ops)
+        assert set(out.unique().tolist()) == {0.0, 0.5}, ops
+    # Colour alone keeps each image flat (one value per image) but changes that value.
+    out = values(("colour",))
+    assert (out == out[:, :1, :1, :1]).all() and not torch.equal(out, flat)
+    assert not torch.equal(values(("colour", "cutout")), values(("cutout",)))
 
 
 def test_ada_at_p_zero_is_the_identity_and_ops_are_drawn_per_image():
@@ -213,17 +233,20 @@ def test_ada_p_rises_while_d_overfits_8_images_and_resumes_where_it_was(tmp_path
 @pytest.mark.slow
 def test_diffaugment_trains_and_augment_can_change_on_resume(tmp_path, faces_cache):
     out = tmp_path / "run"
-    result = run_train(
-        *small_run(out, faces_cache, "--max-steps", "10", "--augment", "diffaugment")
-    )
+    first = ("--max-steps", "10", "--augment", "diffaugment", "--diffaugment-ops", "colour")
+    result = run_train(*small_run(out, faces_cache, *first))
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics(out)
     assert [r["step"] for r in records] == [5, 10] and all("aug_p" not in r for r in records)
     assert read_trainer_state(out / "checkpoints" / "step-00000010").aug_p == 0.0
+    assert tomllib.loads((out / "config.toml").read_text())["train"]["diffaugment_ops"] == [
+        "colour"
+    ]
     flags = ("--max-steps", "20", "--augment", "ada", "--ada-kimg", "0.5")
-    result = run_train(*small_run(out, faces_cache, *flags))
+    result = run_train(*small_run(out, faces_cache, *flags, "--diffaugment-ops", "cutout"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming with augment 'diffaugment' -> 'ada'" in result.stdout
+    assert "diffaugment_ops ['colour'] -> ['cutout']" in result.stdout
     later = metrics(out)[2:]
     assert [r["step"] for r in later] == [15, 20] and all("aug_p" in r for r in later)
     assert read_trainer_state(out / "checkpoints" / "step-00000020").aug_p == later[-1]["aug_p"]

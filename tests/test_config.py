@@ -4,6 +4,7 @@ what a resumed run goes on with when flags change (applied, kept, or refused); t
 settings (--channels in [data], resolved into the model; --z-distribution, --init) as flags and
 file keys, fixed on resume."""
 
+import re
 import subprocess
 import sys
 
@@ -66,6 +67,8 @@ def test_every_field_has_a_documented_flag():
         (["--channels", "2"], "channels='2' is not allowed: use one of auto, 1, 3"),
         (["--z-distribution", "gauss"], "z_distribution='gauss' is not allowed"),
         (["--lr-d", "0"], "lr_d=0.0 is not allowed"),
+        (["--diffaugment-ops", "flip"], "diffaugment_ops=['flip'] is not allowed: use one or"),
+        (["--diffaugment-ops", "cutout", "cutout"], "cutout'] is not allowed: use one or more"),
         (["--batch-size", "-4"], "batch_size=-4 is not allowed"),
         (["--max-steps", "0"], "max_steps=0 is not allowed"),
         (["--loss", "wgan"], "loss='wgan' is not allowed: use one of bce, hinge, wgan-gp"),
@@ -194,6 +197,7 @@ def test_a_run_saved_before_augmentation_resumes_without_it(tmp_path):
     path = tmp_path / "config.toml"
     parse_args([]).save_toml(path)
     assert saved_run_config(path).train.augment == "diffaugment"
-    old = "\n".join(line for line in path.read_text().splitlines() if "augment" not in line)
-    path.write_text(old)
+    path.write_text(re.sub(r"^\w*augment\w* = (\[[^]]*\]|.*)\n", "", path.read_text(), flags=re.M))
     assert saved_run_config(path).train.augment == "none"
+    # ... and one saved before DiffAugment's ops could be chosen used all three, the default.
+    assert saved_run_config(path).train.diffaugment_ops == ["colour", "translation", "cutout"]

@@ -100,20 +100,23 @@ def test_feature_training_is_deterministic(tmp_path):
 def test_bad_plans_are_refused():
     with pytest.raises(UserError, match="none among them"):
         replace(TINY, augments=("diffaugment",))
-    with pytest.raises(UserError, match="at least 2"):
-        replace(TINY, steps=1)
+    with pytest.raises(UserError, match="multiple of 4"):
+        replace(TINY, steps=2)
+    with pytest.raises(UserError, match="multiple of 4"):
+        replace(TINY, steps=22)
+    with pytest.raises(UserError, match="diffaugment_ops=\\['flip'\\] is not allowed"):
+        replace(TINY, diffaugment_ops=("flip",))
     result = run_module("bench.quality", "--tiny", "--samples", "500")
     assert result.returncode == 2 and "--samples 500 is more than half" in result.stderr
 
 
-@pytest.mark.slow
-def runs_with(fds: dict) -> list[dict]:
-    """Benchmark run records with FD `fds[(subset, augment)]` (the same at half the steps)."""
+def runs_with(fds: dict, plan) -> list[dict]:
+    """Benchmark run records with FD `fds[(subset, augment)]` (the same at every scored step)."""
     return [
         {
             "images": subset,
             "augment": augment,
-            "scores": {at: {"ema": {"fd": fd}} for at in ("half", "full")},
+            "scores": {str(at): {"ema": {"fd": fd}} for at in plan.scored_steps},
         }
         for (subset, augment), fd in fds.items()
     ]
@@ -125,17 +128,18 @@ def test_the_default_is_the_best_setting_nowhere_worse_than_none():
     better |= {(s, "diffaugment"): 60.0 for s in plan.subsets}  # better, not 2x
     better |= {(s, "ada"): 50.0 for s in plan.subsets}
     better[10_000, "ada"] = 71.0  # the best on average, but worse than none on one subset
-    runs = runs_with(better)
+    runs = runs_with(better, plan)
     assert recommend(runs, evaluate_goals(runs, plan), plan) == {
         "default": "diffaugment",
         "meets_goals": False,
         "best_fd": "ada",
     }
     worse = better | {(10_000, "diffaugment"): 70.5}
-    runs = runs_with(worse)
+    runs = runs_with(worse, plan)
     assert recommend(runs, evaluate_goals(runs, plan), plan)["default"] == "none"
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_sane_result(tmp_path, faces_cache):
     out = tmp_path / "results"
     out.mkdir()
@@ -153,9 +157,10 @@ def test_tiny_run_writes_a_sane_result(tmp_path, faces_cache):
         (64, "diffaugment"),
     ]
     for run in data["runs"]:
-        for at in ("half", "full"):
-            for kind in ("ema", "ema_bn"):
-                scores = run["scores"][at][kind]
+        assert list(run["scores"]) == ["5", "10", "15", "20"]  # each quarter of TINY's 20 steps
+        for at, kinds in run["scores"].items():
+            assert set(kinds) == ({"ema", "ema_bn"} if at == "20" else {"ema"})
+            for scores in kinds.values():
                 assert math.isfinite(scores["fd"]) and scores["fd"] >= 0
                 assert 0 <= scores["coverage"] <= 1
         assert (out / run["grid"]).is_file()
