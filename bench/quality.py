@@ -134,6 +134,7 @@ TINY = Plan(
 
 def train_one(plan: Plan, subset: int, augment: str, run_dir: Path, cache_dir: str | None):
     """Train one run with the trainer itself; a checkpoint (with the EMA) at each scored step."""
+    ops = {"diffaugment_ops": list(plan.diffaugment_ops)} if plan.diffaugment_ops else {}
     cfg = make_config(
         out_dir=str(run_dir),
         resume="none",
@@ -145,7 +146,7 @@ def train_one(plan: Plan, subset: int, augment: str, run_dir: Path, cache_dir: s
         builtin_faces=subset,
         cache_dir=cache_dir,
         augment=augment,
-        **({"diffaugment_ops": list(plan.diffaugment_ops)} if plan.diffaugment_ops else {}),
+        **ops,
         seed=0,
         log_every=min(10, plan.scored_steps[0]),
         sample_every=plan.steps,

@@ -391,6 +391,8 @@ def _add_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None
     for f in settable_fields(cls):
         base, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = " ".join(map(str, f.default_factory()))
         help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         choices = _choices(hints[f.name])

@@ -58,6 +58,8 @@ def test_every_field_has_a_documented_flag():
         for name in cls.__dataclass_fields__:
             assert docs.get(name), f"{cls.__name__}.{name} has no docstring"
             assert "--" + name.replace("_", "-") in help_text
+    # A list's default shows as its values (the help re-joined across argparse's line wraps).
+    assert "(default: colour translation cutout)" in " ".join(help_text.split())
 
 
 @pytest.mark.parametrize(

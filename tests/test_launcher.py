@@ -28,12 +28,18 @@ def start(out, faces_cache, launcher: list[str], processes: int = 2) -> subproce
     multi = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else []
     port = ["--main_process_port", str(free_port())]
     command = [*launcher, *multi, *LAUNCH_FLAGS, *port, str(REPO / "launch" / "train.py")]
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # A session of its own, as a terminal starts a job: signals reach only whom they are sent to.
-    return subprocess.Popen(
-        [*command, *map(str, flags)], cwd=REPO, env=env, start_new_session=True, **pipes
-    )
+    # A session of its own, as a terminal starts a job: signals reach only whom they are sent to;
+    # and the stop signals at their defaults, whatever this test run inherited (under nohup,
+    # SIGHUP is ignored, and distgan keeps it so by design).
+    session = {"start_new_session": True, "preexec_fn": default_stop_signals}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen([*command, *map(str, flags)], cwd=REPO, env=env, **session, **pipes)
+
+
+def default_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def is_trainer(process: psutil.Process) -> bool:

@@ -159,17 +159,19 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, faces_cache):
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO
         )
+        printed = []
         if kills == 0:  # the first kill waits for a checkpoint being written
             staging = out / "checkpoints"
             while process.poll() is None and not list(staging.glob(".staging-*")):
                 time.sleep(0.002)
-        else:
-            time.sleep(rng.uniform(3.0, 4.5))
+        else:  # a random moment of training, timed from its start whatever start-up takes
+            printed = lines_until_training(process)
+            time.sleep(rng.uniform(0.5, 1.5))
         if process.poll() is not None:
             break  # finished before this kill
         during_write += bool(list((out / "checkpoints").glob(".staging-*")))
         process.kill()
-        stdout = process.communicate()[0]
+        stdout = "".join(printed) + process.communicate()[0]
         kills += 1
         resumed_from += [line for line in stdout.splitlines() if line.startswith("distgan:")]
     assert kills >= 5 and during_write >= 1
@@ -181,6 +183,16 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, faces_cache):
     for name in ("generator.safetensors", "checkpoints/step-00000800/model_1.safetensors"):
         a, b = load_file(reference / name), load_file(out / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def lines_until_training(process: subprocess.Popen) -> list[str]:
+    """The trainer's stdout up to its start line (printed once it is set up and has resumed)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("distgan:"):
+            break
+    return lines
 
 
 def test_unwritable_out_dir_fails_before_work(tmp_path):
