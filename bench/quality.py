@@ -104,10 +104,10 @@ class Plan:
         return tuple(self.steps * k // CURVE_POINTS for k in range(1, CURVE_POINTS + 1))
 
 
-# About 12 minutes on the 2-core CPU this project is developed on, run alone. Half-width G and D
-# (32) train about twice as fast as the default 64, so the budget buys twice the steps: small
-# sets only overfit after many passes, which is where augmentation can show (600 steps at
-# width 64 mostly measured how fast each setting converges).
+# About 10 minutes (560 s) on the 2-core CPU this project is developed on, run alone; the limit
+# is 15. Half-width G and D (32) train about twice as fast as the default 64, so the budget buys
+# twice the steps (600 steps at width 64 mostly measured how fast each setting converges).
+# Longer runs did not bring the overfitting augmentation cures either (bench/README.md).
 FULL = Plan(
     steps=1200,
     batch_size=64,

@@ -164,7 +164,8 @@ class TrainConfig:
     ada (adaptive: flips, rotations, scaling, translation and colour changes, each applied with a
     probability p that rises while D overfits and falls while it does not; p is logged as aug_p).
     The default, diffaugment, gave the lowest distance on 500, 2,000 and 10,000 faces in
-    `python -m bench.quality` (bench/README.md). Can change on resume."""
+    `python -m bench.quality`'s 1,200-step budget (bench/README.md, with longer runs). Can change
+    on resume."""
 
     diffaugment_ops: list[str] = dataclasses.field(default_factory=lambda: list(DIFF_OPS))
     """DiffAugment's ops with augment=diffaugment: one or more of colour, translation, cutout
