@@ -101,7 +101,12 @@ class Plan:
 
     @property
     def scored_steps(self) -> tuple[int, ...]:
-        return tuple(self.steps * k // CURVE_POINTS for k in range(1, CURVE_POINTS + 1))
+        return scored_steps(self.steps)
+
+
+def scored_steps(steps: int) -> tuple[int, ...]:
+    """The steps a run of `steps` is scored at: each quarter of the budget."""
+    return tuple(steps * k // CURVE_POINTS for k in range(1, CURVE_POINTS + 1))
 
 
 # About 10 minutes (560 s) on the 2-core CPU this project is developed on, run alone; the limit
@@ -359,7 +364,7 @@ def markdown(result: dict) -> str:
     """The tables of a result: the scale, every run, the goals, the recommendation."""
     plan = result["plan"]
     samples, full = plan["samples"], plan["steps"]
-    scored = [str(full * k // CURVE_POINTS) for k in range(1, CURVE_POINTS + 1)]
+    scored = [str(at) for at in scored_steps(full)]
     ops = result.get("diffaugment_ops")  # results saved before the ops were chosen: all three
     ops_note = f", DiffAugment ops {' '.join(ops)}" if ops else ""
     lines = [
