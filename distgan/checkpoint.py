@@ -2,9 +2,10 @@
 
 A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding what `accelerator.save_state` writes
 (G, D, both optimizers, the fp16 scaler, every process's RNG), the EMA generator as safetensors,
-and `trainer_state.json` (step, images seen, the model config). It is written under a staging name
-and renamed into place when complete, so a folder with the final name is always whole; a crash
-mid-write leaves only a staging folder, which is never resumed from.
+and `trainer_state.json` (step, images seen, the model config), then `checksums.json` (the size
+and SHA-256 of every file, verified before a resume: distgan/checksums.py). It is written under a
+staging name and renamed into place when complete, so a folder with the final name is always
+whole; a crash mid-write leaves only a staging folder, which is never resumed from.
 
 Nothing here unpickles: weights are safetensors, state is JSON, and Accelerate loads its files
 with `weights_only=True`.
@@ -26,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distgan import __version__
+from distgan.checksums import Damaged, write_checksums
 from distgan.ema import EMA
 from distgan.errors import UserError, first_line
 from distgan.files import write_atomically, write_json_atomically
@@ -39,6 +41,10 @@ GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_META = "generator.json"
 GENERATOR_FORMAT = "distgan-generator"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+DAMAGED_FIX = (
+    "resume from another checkpoint (--resume PATH, or --resume auto for the newest intact one) "
+    "or start a new run (--resume none with a new --out-dir)"
+)
 
 
 @dataclass(kw_only=True)
@@ -82,9 +88,26 @@ class TrainerState:
 
     @classmethod
     def from_json(cls, values: dict) -> TrainerState:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in values.items() if k in known}
-        return cls(**{**values, "model": ModelConfig.from_dict(values["model"])})
+        """The state `values` (parsed JSON) describe; ValueError saying what is wrong with them,
+        as a phrase that follows the file's name ("lacks the field 'model'")."""
+        if not isinstance(values, dict):
+            raise ValueError(f"holds a JSON {type(values).__name__}, not an object")
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ValueError(
+                f"lacks the field{'s' * (len(missing) > 1)} {' and '.join(map(repr, missing))}"
+            )
+        step, model = values["step"], values["model"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"has step {step!r}, not a step number")
+        try:
+            config = ModelConfig.from_dict(model)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"has a model that is no model config ({err})") from None
+        known = {f.name for f in fields}
+        return cls(**{**{k: v for k, v in values.items() if k in known}, "model": config})
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -115,22 +138,36 @@ def load_checkpoint_ema(path: str | Path, model: ModelConfig) -> Generator:
     return generator.eval()
 
 
+def parse_trainer_state(path: str | Path) -> TrainerState:
+    """The state of a checkpoint folder: FileNotFoundError without a trainer_state.json, Damaged
+    naming what is wrong with it ("trainer_state.json lacks the field 'model'")."""
+    try:
+        text = (Path(path) / STATE_FILE).read_text()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as err:
+        raise Damaged(f"{STATE_FILE} cannot be read ({first_line(err)})") from None
+    if not text.strip():
+        raise Damaged(f"{STATE_FILE} is empty")
+    try:
+        return TrainerState.from_json(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise Damaged(f"{STATE_FILE} is not valid JSON ({err})") from None
+    except ValueError as err:
+        raise Damaged(f"{STATE_FILE} {err}") from None
+
+
 def read_trainer_state(path: str | Path) -> TrainerState:
     """The state of a checkpoint folder, checked to be one of ours."""
-    state_path = Path(path) / STATE_FILE
     try:
-        state = TrainerState.from_json(json.loads(state_path.read_text()))
-        int(state.step)
+        return parse_trainer_state(path)
     except FileNotFoundError:
         raise UserError(
             f"{path} is not a complete distgan checkpoint (no {STATE_FILE}): pass a "
             "checkpoints/step-* folder, or --resume auto"
         ) from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise UserError(
-            f"{state_path} is unreadable ({err}): resume from another checkpoint"
-        ) from None
-    return state
+    except Damaged as err:
+        raise UserError(f"checkpoint {path} is damaged ({err}): {DAMAGED_FIX}") from None
 
 
 def _remove(path: Path) -> None:
@@ -169,8 +206,9 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_file(ema.state_dict(), str(staging / EMA_FILE))
-            # The completion marker: last.
+            # The completion marker, then the checksums of every file, for a resume to verify.
             write_json_atomically(staging / STATE_FILE, state.to_json(), indent=2)
+            write_checksums(staging)
     except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(staging, ignore_errors=True)
         kept = list_checkpoints(root)

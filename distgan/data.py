@@ -366,6 +366,17 @@ def dali_device_id(device: torch.device) -> int | None:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
+def decoder_args(device_id: int | None, channels: int) -> dict:
+    """DALI's image decoder arguments: on the GPU (`mixed`, nvJPEG) or the CPU, to RGB or GRAY.
+    On the GPU without the hardware JPEG engine (A100, H100, H200): DALI hands it a share of each
+    batch by position, so a file could be decoded by either engine, a level apart, in the
+    streamed and cached epochs that give the same batches."""
+    decoding = {"device": "cpu", "output_type": types.GRAY if channels == 1 else types.RGB}
+    if device_id is not None:
+        decoding.update(device="mixed", hw_decoder_load=0.0)
+    return decoding
+
+
 def processes_sharing(device: torch.device, processes_here: int) -> int:
     """How many of this machine's processes hold a cache on `device`: all of them in host
     memory, and on a GPU only those placed on the same GPU (normally each process has its own)."""
@@ -470,18 +481,15 @@ class ImageLoader:
             encoded, _ = fn.readers.file(
                 files=files, shard_id=shard[0], num_shards=shard[1], **reading
             )
-            decode_on = "mixed" if self.device_id is not None else "cpu"
-            colour = {"output_type": types.GRAY if self.channels == 1 else types.RGB}
+            decoding = decoder_args(self.device_id, self.channels)
             if self.crop_box is None:
                 # The centred largest square, decoded alone: rows outside it are skipped.
                 shape = fn.peek_image_shape(encoded)
                 side = fn.cast(dmath.min(shape[0], shape[1]), dtype=types.FLOAT)
-                images = fn.decoders.image_crop(
-                    encoded, device=decode_on, crop_w=side, crop_h=side, **colour
-                )
+                images = fn.decoders.image_crop(encoded, crop_w=side, crop_h=side, **decoding)
             else:
                 left, top, width, height = self.crop_box
-                images = fn.decoders.image(encoded, device=decode_on, **colour)
+                images = fn.decoders.image(encoded, **decoding)
                 padding = {"out_of_bounds_policy": "pad", "fill_values": 0}
                 box = {"start": [left, top], "shape": [width, height], "axis_names": "WH"}
                 images = fn.slice(images, **box, **padding)

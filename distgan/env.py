@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from distgan import ort_cuda
 from distgan.errors import UserError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -224,19 +225,12 @@ def _onnxruntime_line() -> str:
     line = f"onnxruntime {ort.__version__}: providers {', '.join(available)}"
     if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
         return line
-    from onnx import TensorProto, helper
-
-    # A one-op model: onnxruntime lists CUDA even where it cannot load it, so try a session.
-    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy")
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    if session.get_providers()[0] == "CUDAExecutionProvider":
-        return line + "; a CUDA session runs on the GPU"
-    return line + "; a CUDA session FALLS BACK TO THE CPU (CUDA/cuDNN version mismatch)"
+    # Tried in a process without torch, as `python -m export generate` runs: here, the CUDA
+    # libraries torch loaded would make the provider look fine where generate cannot load it.
+    problem = ort_cuda.problem_without_torch()
+    if problem is None:
+        return line + "; a CUDA session without torch (python -m export generate) runs on the GPU"
+    return line + f"; a CUDA session without torch FALLS BACK TO THE CPU ({problem})"
 
 
 def report() -> tuple[list[str], list[str]]:

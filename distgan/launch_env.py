@@ -22,7 +22,10 @@ import psutil
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 
+from distgan.errors import UserError
+
 EXPORTED = "ACCELERATE_MIXED_PRECISION"  # what the launcher passes on to its trainers
+TRAINS_IN = ("no", "fp16", "bf16")  # what distgan trains in; not Accelerate's fp8
 
 
 class LauncherPrecision(NamedTuple):
@@ -34,6 +37,17 @@ class LauncherPrecision(NamedTuple):
     source: str
     """Where the choice was made, e.g. "accelerate launch --mixed_precision no"; without a choice,
     what the launcher's `no` is ("" without a launcher), for the start-up line."""
+
+    def for_auto(self) -> str:
+        """The choice, for `--mixed-precision auto` to follow; a one-line error for one distgan
+        does not train in (fp8: Accelerate would fail with a traceback, or train untested)."""
+        if self.choice not in TRAINS_IN:
+            raise UserError(
+                f"mixed precision {self.choice!r} ({self.source}) is not one distgan trains in: "
+                "leave it out of the launcher (auto then picks by the hardware), or pass "
+                "--mixed-precision bf16, fp16 or no"
+            )
+        return self.choice
 
 
 def launch_arguments(argv: list[str]) -> list[str] | None:

@@ -4,9 +4,9 @@ Features come from torch-fidelity's FID Inception-v3 (the pytorch-fid / torch-fi
 which reproduce the original TensorFlow numbers) and FID/KID from torch-fidelity's own formulas,
 so the numbers agree with that tool. Real images go through the project's DALI pipeline (the same
 decode, crop and resize as training); their statistics are cached on disk, keyed by the data, the
-resolution, the crop, the sample count and the feature extractor. A grayscale model is scored
-against grayscale real images (decoded as it was trained), the one channel repeated into the three
-the extractors take.
+resolution, the crop, the sample count, the decoder (CPU or GPU) and the feature extractor. A
+grayscale model is scored against grayscale real images (decoded as it was trained), the one
+channel repeated into the three the extractors take.
 
 Distributed: each process extracts features for its share of the real and generated images; the
 shares are gathered and put back in one global order, so every process computes the same numbers,
@@ -242,12 +242,15 @@ def real_stats_key(
     count: int,
     extractor: FeatureExtractor,
     channels: int = 3,
+    decoded_on: str = "cpu",
 ) -> str:
-    """Statistics are reused only for the same data, preparation (gray or RGB too), extractor,
-    device and precision: a GPU's features differ from a CPU's in the last bits."""
+    """Statistics are reused only for the same data, preparation (gray or RGB too), decoder,
+    extractor, device and precision: a GPU's features differ from a CPU's in the last bits, and
+    DALI's GPU JPEG decoder upsamples chroma otherwise than libjpeg-turbo (`decoded_on` "gpu")."""
     listing = [(f, os.path.getsize(f)) for f in files]
     what = [resolution, crop_box, count, extractor.name, extractor.numerics]
     what += ["gray"] if channels == 1 else []  # RGB keys as before: their caches stay valid
+    what += ["decoded on gpu"] if decoded_on == "gpu" else []  # and CPU-decoded ones too
     blob = json.dumps([STATS_VERSION, listing, *what])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -259,9 +262,10 @@ def real_stats_path(
     crop_box,
     extractor: FeatureExtractor,
     channels: int = 3,
+    decoded_on: str = "cpu",
 ) -> Path:
     """Where the real statistics of `files` are cached (under cache_dir/fid-stats/)."""
-    key = real_stats_key(files, resolution, crop_box, len(files), extractor, channels)
+    key = real_stats_key(files, resolution, crop_box, len(files), extractor, channels, decoded_on)
     return Path(cache_dir) / "fid-stats" / f"{key}.npz"
 
 
@@ -380,7 +384,8 @@ def reference_stats(
     the main one. `log` says when they are computed."""
     resolution, crop_box = pipeline["resolution"], pipeline["crop_box"]
     channels = pipeline.get("channels", 3)
-    path = real_stats_path(cache_dir, files, resolution, crop_box, extractor, channels)
+    decoded_on = "cpu" if pipeline.get("device_id") is None else "gpu"  # as ImageLoader decodes
+    path = real_stats_path(cache_dir, files, resolution, crop_box, extractor, channels, decoded_on)
     stats = load_stats(path)
     found = dist.gather(torch.tensor([float(stats is not None)], device=dist.device))
     if bool(found.all()):  # all processes load them, or all compute them together

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate import (
+    Accelerator,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    PartialState,
+)
 from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
@@ -55,6 +60,8 @@ from distgan.losses import d_loss, g_loss, gradient_penalty
 from distgan.models import Discriminator, Generator, ModelConfig, sample_latents
 from distgan.pretrained import StartingWeights, config_from_source, read_starting_weights
 from distgan.report import append_jsonl, plot_losses, save_grid
+from distgan.resume import find_resume_point, main_decides
+from distgan.runlock import RunLock
 from distgan.signals import STOP_SIGNALS, die_with_parent, ignored
 from distgan.tracking import Tracking, make_trackers
 
@@ -112,7 +119,7 @@ def choose_precision(requested: str, launcher: LauncherPrecision | None = None) 
         overruled = launcher.choice not in (None, requested)
         why = f"--mixed-precision, over {launcher.source}" if overruled else "--mixed-precision"
     elif launcher.choice is not None:
-        requested, why = launcher.choice, f"auto: {launcher.source}"
+        requested, why = launcher.for_auto(), f"auto: {launcher.source}"
     else:
         requested = native_precision()
         over = f", over {launcher.source}" if launcher.source else ""
@@ -147,22 +154,6 @@ def configure_kernels(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-
-
-def find_resume_point(resume: str, checkpoints_root: Path) -> Path | None:
-    """The checkpoint folder to continue from, or None for a fresh run."""
-    existing = list_checkpoints(checkpoints_root)
-    if resume == "auto":
-        return existing[-1] if existing else None
-    if resume == "none":
-        if existing:
-            raise UserError(
-                f"{checkpoints_root.parent} already holds a run (checkpoints up to "
-                f"{existing[-1].name}): continue it with --resume auto, or pick a new --out-dir"
-            )
-        return None
-    read_trainer_state(resume)  # checks that it is a complete checkpoint
-    return Path(resume)
 
 
 def config_for_resume(cfg: Config, checkpoint: Path, model: ModelConfig):
@@ -762,6 +753,13 @@ def build_cache(loader: ImageLoader, log) -> None:
     log(f"decoded-image cache: {len(loader.files)} images, {where}")
 
 
+def start_processes(tc: TrainConfig) -> PartialState:
+    """Accelerate's processes and their group, before the Accelerator (whose precision may come
+    from the checkpoint the main process picks), which joins them."""
+    timeout = timedelta(seconds=tc.dist_timeout)
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
+
+
 def make_accelerator(tc: TrainConfig, mixed_precision: str) -> Accelerator:
     """Accelerate's processes, DDP and autocast (in `mixed_precision`) as the config says."""
     # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which Accelerate's kwargs
@@ -814,7 +812,13 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     stop.install(under_launcher=launched())
     require_usable_cuda()  # else a GPU node would silently train as CPU processes
     require_one_dali_build()
-    resume_from = find_resume_point(cfg.train.resume, out_dir / "checkpoints")
+    # The processes first: the main process alone takes the run folder's lock (a second trainer
+    # on it stops here) and picks the checkpoint; every process follows.
+    processes = start_processes(cfg.train)
+    lock = RunLock(out_dir)
+    main_decides(processes, lock.acquire)
+    checkpoints = out_dir / "checkpoints"
+    resume_from = main_decides(processes, lambda: find_resume_point(cfg.train.resume, checkpoints))
     changes, note, start = {}, "", None
     if resume_from is not None:  # the run's own settings, with what may change changed
         saved = read_trainer_state(resume_from)
@@ -922,6 +926,7 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     finish(run, state, stop, stopped_by)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    lock.release()
     return out_dir
 
 

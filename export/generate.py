@@ -20,7 +20,7 @@ from PIL import Image
 
 from distgan.errors import UserError, first_line, require_writable_dir
 from export.latents import MAX_SEED, check_truncation, latents, parse_seeds
-from export.runtime import create_session, model_info, session_device
+from export.runtime import create_session, model_info, running_on, session_device
 
 
 def slerp(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
@@ -154,7 +154,7 @@ def generate(
     require_writable_dir(out_dir, "--out-dir")
     run = Runner(session)
     if progress:  # what really runs: "auto" falls back to the CPU when CUDA does not load
-        print(f"onnxruntime: {session.get_providers()[0]}", file=sys.stderr)
+        print(f"onnxruntime: {running_on(session, device)}", file=sys.stderr)
     truncation = dict(psi=truncation_psi, threshold=truncation_threshold)
 
     def z_of(chosen: list[int]) -> np.ndarray:

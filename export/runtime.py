@@ -10,6 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from distgan.errors import UserError, first_line  # a torch-free module
+from distgan.ort_cuda import cuda_provider_problem, preload_cuda_libraries  # torch-free too
 from export.latents import Z_DISTRIBUTIONS
 
 # The output's layout; its channels (3 RGB, 1 gray) are the "channels" key. Older exports wrote
@@ -37,13 +38,15 @@ def cuda_device_count() -> int:
 
 def pick_providers(device: str = "auto") -> list:
     """CUDA (with the cuDNN heuristic algorithm choice, so a new batch size does not pay seconds
-    of search) when asked or when a GPU is there, else CPU."""
+    of search) when asked or when a GPU is there, else CPU. Before CUDA, the CUDA and cuDNN
+    libraries of a pip install are preloaded: without torch, nothing else loads them."""
     if device not in DEVICES:
         raise UserError(f"--device {device!r} is not allowed: use one of {', '.join(DEVICES)}")
     cuda_ready = "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count()
     if device == "cuda" and not cuda_ready:
         raise UserError("--device cuda: no CUDA GPU/provider is available here; use --device cpu")
     if device != "cpu" and cuda_ready:
+        preload_cuda_libraries()
         cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}
         return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
     return list(CPU_ONLY)
@@ -87,14 +90,28 @@ def _open(path: Path, options: ort.SessionOptions, providers: list) -> ort.Infer
         raise UserError(f"{path} is not a usable ONNX model ({detail})") from None
 
 
-def cuda_fallback_message() -> str:
+def cuda_fallback_message(asked: bool = True) -> str:
+    """Why a session meant for CUDA runs on the CPU, with the dynamic loader's word on the
+    provider's library; `asked`: --device cuda (an error) rather than auto (a note)."""
     build = str(getattr(ort, "cuda_version", "") or "")  # what this onnxruntime-gpu was built for
     needs = f": this onnxruntime-gpu build needs CUDA {build.split('.')[0]}" if build else ""
+    loader = cuda_provider_problem()
+    said = f"; the loader says: {loader}" if loader else ""
+    head = "CUDA was asked for but onnxruntime" if asked else "a GPU is here but onnxruntime"
     return (
-        "CUDA was asked for but onnxruntime could not load its CUDA provider and fell back to the "
-        f"CPU (probably a CUDA/cuDNN version mismatch{needs}): install the onnxruntime-gpu build "
-        "for your CUDA major version, or use --device cpu"
+        f"{head} could not load its CUDA provider and fell back to the CPU (probably a "
+        f"CUDA/cuDNN version mismatch{needs}{said}): install the onnxruntime-gpu build for your "
+        "CUDA major version, or use --device cpu"
     )
+
+
+def running_on(session: ort.InferenceSession, device: str = "auto") -> str:
+    """The provider a session runs on, for a log line; where `device` "auto" found a GPU and
+    the session still runs on the CPU, why (a fallback is never silent)."""
+    first = session.get_providers()[0]
+    if first == "CUDAExecutionProvider" or device == "cpu" or pick_providers(device) == CPU_ONLY:
+        return first
+    return f"{first} ({cuda_fallback_message(asked=False)})"
 
 
 def session_device(session: ort.InferenceSession) -> str:

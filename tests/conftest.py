@@ -15,6 +15,41 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 # The GAN of the small training runs: 32 px, 16 channels in G and D, batches of 8.
 SMALL_GAN = ["--resolution", "32", "--g-channels", "16", "--d-channels", "16", "--batch-size", "8"]
+GPU_SUITE = REPO / "tests" / "test_gpu.py"
+STARTING_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")  # before pytest_configure
+CUDA_HIDDEN = False  # set by pytest_configure: this run holds tests not marked gpu
+
+
+def gpu_suite_alone(markexpr: str, args: list[str], base: Path) -> bool:
+    """Whether a run can hold only `gpu` tests: `-m gpu`, or every path given (relative to
+    `base`) inside tests/test_gpu.py."""
+    if markexpr.strip() == "gpu":
+        return True
+    paths = [(base / arg.split("::")[0]).resolve() for arg in args]
+    return bool(paths) and all(path == GPU_SUITE for path in paths)
+
+
+def pytest_configure(config):
+    """A run that holds tests not marked gpu hides CUDA from itself and from every process it
+    starts, before anything asks CUDA for its devices: on a GPU machine those tests run on the
+    CPU as in CI (two processes on gloo, bitwise resumes). The GPU suite keeps the GPUs when run
+    alone (`python -m pytest -m gpu`); in a mixed run it is skipped and says so."""
+    global CUDA_HIDDEN
+    args = list(config.args)
+    if not gpu_suite_alone(config.option.markexpr or "", args, config.invocation_params.dir):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        CUDA_HIDDEN = True
+
+
+def gpus_of_this_machine() -> str | None:
+    """What shows NVIDIA GPUs here (distgan.env.visible_gpus) to the environment this run
+    started with, before it hid them; None on a machine without."""
+    from distgan.env import visible_gpus
+
+    environ = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if STARTING_CUDA_VISIBLE_DEVICES is not None:
+        environ["CUDA_VISIBLE_DEVICES"] = STARTING_CUDA_VISIBLE_DEVICES
+    return visible_gpus(environ)
 
 
 def solid_colour(index: int) -> tuple[int, int, int]:
@@ -38,6 +73,14 @@ def write_images(folder: Path, count: int, size=(40, 30), fmt="JPEG", start=0) -
         Image.new("RGB", size, solid_colour(i)).save(path, format=fmt, quality=95)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(autouse=True)
+def cpu_for_cpu_tests(request, monkeypatch):
+    """A test not marked gpu, and whatever it starts, sees no CUDA device (also where the run
+    did not hide CUDA: pytest_configure)."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(autouse=True)

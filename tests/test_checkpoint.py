@@ -78,7 +78,7 @@ def test_only_complete_checkpoints_are_listed(tmp_path):
     with pytest.raises(UserError, match="not a complete distgan checkpoint"):
         read_trainer_state(tmp_path / "step-00000040")
     (found[0] / STATE_FILE).write_text("{not json")
-    with pytest.raises(UserError, match="is unreadable"):
+    with pytest.raises(UserError, match=r"is damaged \(trainer_state.json is not valid JSON \("):
         read_trainer_state(found[0])
 
 

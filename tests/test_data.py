@@ -1,11 +1,12 @@
 """Data: the DALI pipeline on generated image folders: shape, dtype, range and exact colours;
 PNG, RGBA and grayscale inputs; the crop box; flips; sharding (disjoint, covering, equal step
 counts, and DALI reading exactly the planned files); mid-epoch resume; and the decoded-image cache
-(bitwise the streaming batches, and streaming when memory is short); which device DALI decodes on,
-and how much memory the cache may take on a GPU node; every accepted format (JPEG, PNG, WebP, BMP,
-TIFF, PNM, JPEG 2000) decoding in DALI, 1x1 images included; the folder survey (images counted by
-format, other files named) and the scan's verdicts on files DALI cannot decode; one-channel
-decoding (colour to luma, streaming and cached alike) and grayscale found from file headers."""
+(bitwise the streaming batches, and streaming when memory is short); which device DALI decodes on
+(on a GPU, never with the hardware JPEG engine), and how much memory the cache may take on a GPU
+node; every accepted format (JPEG, PNG, WebP, BMP, TIFF, PNM, JPEG 2000) decoding in DALI, 1x1
+images included; the folder survey (images counted by format, other files named) and the scan's
+verdicts on files DALI cannot decode; one-channel decoding (colour to luma, streaming and cached
+alike) and grayscale found from file headers."""
 
 from pathlib import Path
 
@@ -204,6 +205,34 @@ def test_dali_decodes_on_the_training_device(monkeypatch):
     assert dali_device_id(torch.device("cuda")) == 3
     assert dali_device_id(torch.device("cuda", 1)) == 1
     assert dali_device_id(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("crop_box", [None, [0, 0, 16, 16]], ids=["centred", "crop box"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_gpu_decoding_keeps_off_the_hardware_jpeg_engine(
+    monkeypatch, jpeg_folder, crop_box, channels
+):
+    """Issue 20, item 7: DALI gives the A100/H100 hardware JPEG engine a share of each batch by
+    position, so a file could come out of either engine in the streamed and the cached epoch; the
+    pipeline's GPU decoder (built here, not run: no GPU) is pinned to nvJPEG's CUDA decoder."""
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def decoder(encoded, **arguments):
+        seen.append(arguments)
+        raise Built
+
+    monkeypatch.setattr(data_module.fn.decoders, "image_crop", decoder)
+    monkeypatch.setattr(data_module.fn.decoders, "image", decoder)
+    on_gpu = loader(find_images(jpeg_folder), device_id=0, crop_box=crop_box, channels=channels)
+    with pytest.raises(Built):
+        on_gpu._pipeline(on_gpu.files, None, 0, (0, 1))
+    gray = data_module.types.GRAY if channels == 1 else data_module.types.RGB
+    assert seen[0]["device"] == "mixed" and seen[0]["hw_decoder_load"] == 0
+    assert seen[0]["output_type"] == gray
+    assert data_module.decoder_args(None, channels) == {"device": "cpu", "output_type": gray}
 
 
 def test_cache_budget_per_gpu_and_per_host(monkeypatch):

@@ -10,8 +10,10 @@ load is an error for `--device cuda` and is labelled as the CPU it fell back to 
 numpy-out work."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -302,6 +304,89 @@ def test_generate_never_imports_torch(exported, tmp_path):
     assert "torch-free" in result.stdout
 
 
+def generate_with_a_gpu(model, out_dir, device: str) -> subprocess.CompletedProcess:
+    """`python -m export generate` in a process without torch, on a machine whose driver reports
+    one GPU (faked: this machine has none, so the provider's load can only fail on libcuda)."""
+    code = (
+        "import sys\nimport export.runtime\n"
+        "export.runtime.cuda_device_count = lambda: 1\n"
+        "from export.__main__ import main\n"
+        "try:\n"
+        f"    main(['generate', '--model', r'{model}', '--num', '2', '--out-dir', r'{out_dir}', '--device', '{device}'])\n"
+        "finally:\n"
+        "    assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch'\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+
+
+def missing_libraries(text: str) -> set[str]:
+    return set(re.findall(r"(lib[\w.+-]+\.so[.\d]*): cannot open shared object file", text))
+
+
+def test_generate_without_torch_preloads_the_cuda_libraries_and_says_when_it_falls_back(tmp_path):
+    """Issue 20, item 1: a pip install keeps CUDA, cuBLAS and cuDNN under site-packages/nvidia,
+    where the loader does not look, so the provider's library could not load without torch
+    (libcublasLt.so.13 missing). Preloaded, only the driver's libcuda.so.1 can be missing, and
+    every GPU machine has it; `auto` says that it fell back, and why."""
+    import onnxruntime as ort
+
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        pytest.skip(f"onnxruntime {ort.__version__} here has no CUDA provider library")
+    bare = subprocess.run(
+        [sys.executable, "-c", "from distgan.ort_cuda import *; print(cuda_provider_problem())"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    model = tmp_path / "g.onnx"
+    linear_onnx_generator(model)
+    auto = generate_with_a_gpu(model, tmp_path / "auto", "auto")
+    assert auto.returncode == 0, auto.stderr
+    assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == ["000000.png", "000001.png"]
+    said = next(line for line in auto.stderr.splitlines() if line.startswith("onnxruntime: "))
+    assert said.startswith(
+        "onnxruntime: CPUExecutionProvider (a GPU is here but onnxruntime could not load its CUDA provider"
+    ), said
+    # `bare` (no preload) shows what the loader misses without it: libcublasLt.so.13 here.
+    assert missing_libraries(said) <= {"libcuda.so.1"}, (said, bare.stdout)
+    cuda = generate_with_a_gpu(model, tmp_path / "cuda", "cuda")
+    assert cuda.returncode == 2
+    error = cuda.stderr.strip().splitlines()[-1]
+    assert error.startswith(
+        "error: CUDA was asked for but onnxruntime could not load its CUDA provider"
+    ), error
+    assert missing_libraries(error) <= {"libcuda.so.1"}, (error, bare.stdout)
+    assert not (tmp_path / "cuda").exists()
+
+
+def test_the_env_report_tries_the_cuda_provider_without_torch(monkeypatch):
+    """`python -m distgan.env` imports torch, which loads CUDA libraries that a torch-free
+    `python -m export generate` lacks: its onnxruntime line must come from a process without
+    torch (here, with no GPU, one that cannot load libcuda; never a library pip installed)."""
+    import onnxruntime as ort
+
+    from distgan import env
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime {ort.__version__} here has no CUDA provider")
+    probed = run_module("distgan.ort_cuda", timeout=180)
+    assert probed.returncode == 0, probed.stderr
+    answer = json.loads(probed.stdout.strip().splitlines()[-1])
+    assert answer["torch_loaded"] is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the "any GPU?" gate
+    line = env._onnxruntime_line()
+    if answer["problem"] is None:
+        assert line.endswith(
+            "a CUDA session without torch (python -m export generate) runs on the GPU"
+        )
+    else:
+        assert line.endswith(
+            f"a CUDA session without torch FALLS BACK TO THE CPU ({answer['problem']})"
+        ), line
+        assert missing_libraries(line) <= {"libcuda.so.1"}, line
+
+
 def test_providers_are_chosen_without_error_spam(exported):
     _, _, paths = exported
     import onnxruntime as ort
@@ -438,7 +523,11 @@ def test_cuda_that_falls_back_is_an_error_for_cuda_and_labelled_for_auto(
 
     written = generate(paths["fp32"], [0, 1, 2], 2, tmp_path / "auto", device="auto")
     assert [p.is_file() for p in written] == [True] * 3
-    assert capsys.readouterr().err.startswith("onnxruntime: CPUExecutionProvider\n")
+    said = capsys.readouterr().err.splitlines()[0]  # auto says that it fell back, and why
+    assert said.startswith(
+        "onnxruntime: CPUExecutionProvider (a GPU is here but onnxruntime could not load its CUDA provider"
+    ), said
+    assert "or use --device cpu)" in said
     assert session_device(create_session(paths["fp32"], "auto")) == "cpu"
     logs = []
     assert cuda_session(paths["fp32"], logs.append) is None  # no GPU figure from a CPU session

@@ -3,7 +3,8 @@ script, `python -m`, `accelerate-launch`); its --mixed_precision in every spelli
 trainer's own --mixed-precision; its config file as Accelerate finds it (--config_file, else
 default_config.yaml under HF_HOME or XDG_CACHE_HOME, not with --cpu; the older `fp16: true`); the
 launcher's default `no` told apart from a chosen one, or said to be unknown; and the nearest
-launcher found among a real process's ancestors."""
+launcher found among a real process's ancestors; the shipped Accelerate configs leave the choice
+to `auto`, and a launcher's fp8 is refused in one line."""
 
 import os
 import subprocess
@@ -11,15 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.commands.config import default_config_file as accelerates_default
-from conftest import REPO
+from accelerate.commands.config.config_args import load_config_from_file
+from conftest import REPO, run_train
 
+from distgan.errors import UserError
 from distgan.launch_env import (
+    EXPORTED,
     LauncherPrecision,
     default_config_file,
     launch_arguments,
     launcher_precision,
 )
+from distgan.train import choose_precision
 
 LAUNCHED = {"ACCELERATE_MIXED_PRECISION": "no"}  # what accelerate launch exports by default
 DEFAULT = LauncherPrecision(None, "accelerate launch's default no")
@@ -147,3 +153,42 @@ def test_the_nearest_launcher_is_found_among_the_ancestors(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "choice='no', source='accelerate launch --mixed_precision no'" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "config", sorted((REPO / "launch" / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_the_shipped_accelerate_configs_leave_the_precision_to_auto(tmp_path, monkeypatch, config):
+    """Issue 20, item 3: a config's mixed_precision is the launcher's choice, which `auto`
+    follows: bf16 there would give a V100 or T4 slow emulated bf16 instead of its fp16."""
+    environ = {**LAUNCHED, "HF_HOME": str(tmp_path)}
+    found = launcher_precision(environ, ["--config_file", str(config), "launch/train.py"])
+    assert found == DEFAULT
+    assert load_config_from_file(str(config)).distributed_type == "MULTI_GPU"  # still read
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a V100: no native bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert choose_precision("auto", found).name == "fp16"
+
+
+def test_fp8_from_the_launcher_is_refused_in_one_line(tmp_path):
+    """Issue 20, item 4: `auto` would pass the launcher's fp8 to Accelerate, which fails with a
+    traceback (no fp8 backend) or trains untested; an explicit --mixed-precision still wins."""
+    fp8 = LauncherPrecision("fp8", "accelerate launch --mixed_precision fp8")
+    with pytest.raises(
+        UserError,
+        match=r"^mixed precision 'fp8' \(accelerate launch --mixed_precision fp8\) is not one distgan trains in: ",
+    ):
+        choose_precision("auto", fp8)
+    assert choose_precision("no", fp8) == ("no", "--mixed-precision, over " + fp8.source)
+    result = run_train(
+        "--out-dir", tmp_path / "run", "--max-steps", "1", env={EXPORTED: "fp8"}, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: mixed precision 'fp8' (ACCELERATE_MIXED_PRECISION=fp8) is not one distgan trains "
+        "in: leave it out of the launcher (auto then picks by the hardware), or pass "
+        "--mixed-precision bf16, fp16 or no"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -212,6 +212,33 @@ def test_real_statistics_cache_round_trip_and_key(tmp_path):
     )
 
 
+def test_gpu_decoded_real_statistics_are_cached_apart_from_cpu_decoded_ones(tmp_path, monkeypatch):
+    """Issue 20, item 6: DALI's GPU JPEG decoder upsamples chroma otherwise than libjpeg-turbo,
+    so pixel features (the same on any device) of GPU-decoded images differ from CPU-decoded
+    ones: each decoder computes and caches its own statistics, and finds its own."""
+    write_images(tmp_path / "images", 12)
+    files = find_images(tmp_path / "images")
+    x = SimpleNamespace(name="x", numerics="float64")
+    cpu_key = metrics.real_stats_key(files, 32, None, 12, x)
+    assert metrics.real_stats_key(files, 32, None, 12, x, decoded_on="cpu") == cpu_key  # as before
+    assert metrics.real_stats_key(files, 32, None, 12, x, decoded_on="gpu") != cpu_key
+    decoded_on, cpu_decode = [], metrics.real_stats
+
+    def decode(dist, extractor, files, **pipeline):  # this machine decodes on its CPU only
+        decoded_on.append(pipeline["device_id"])
+        return cpu_decode(dist, extractor, files, **{**pipeline, "device_id": None})
+
+    monkeypatch.setattr(metrics, "real_stats", decode)
+    cache = tmp_path / "cache"
+    for device_id in (None, 0, None, 0):
+        pipeline = {**LOADING, "device_id": device_id}
+        metrics.reference_stats(
+            metrics.SingleProcess(), metrics.PixelFeatures(), files, cache_dir=cache, **pipeline
+        )
+    assert decoded_on == [None, 0]  # once per decoder, then each from its own cache file
+    assert len(list((cache / "fid-stats").glob("*.npz"))) == 2
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_numbers(tmp_path):
     write_images(tmp_path / "images", 30)  # not a multiple of the global batch: padding is dropped

@@ -325,6 +325,8 @@ def test_planted_pickles_and_tampered_weights_are_refused(tmp_path, faces_cache)
     out = tmp_path / "run"
     assert run_train(*small_run(out, faces_cache, "--max-steps", "10")).returncode == 0
     checkpoint = out / "checkpoints" / "step-00000010"
+    # As saved before checksums (which would refuse these files first): loading them must.
+    (checkpoint / "checksums.json").unlink()
     marker = tmp_path / "code-ran"
     for victim in ("random_states_0.pkl", "optimizer.bin"):
         original = (checkpoint / victim).read_bytes()
