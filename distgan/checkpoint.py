@@ -18,6 +18,7 @@ import json
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,11 @@ class TrainerState:
         if not isinstance(values, dict):
             raise ValueError(f"holds a JSON {type(values).__name__}, not an object")
         fields = dataclasses.fields(cls)
-        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        required = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [name for name in required if name not in values]
         if missing:
             raise ValueError(
@@ -187,12 +192,19 @@ def clean_unfinished(root: str | Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, root: Path, ema: EMA, state: TrainerState, keep: int
+    accelerator: Accelerator,
+    root: Path,
+    ema: EMA,
+    state: TrainerState,
+    keep: int,
+    ensure_held: Callable[[], None] | None = None,
 ) -> Path:
     """Write the checkpoint of `state.step` (call on every process), then keep the newest `keep`.
 
     Nothing the user had is touched until the new checkpoint is complete; if writing fails (a
     full disk), the partial one is removed and the error says which checkpoint is intact.
+    `ensure_held` (RunLock.ensure_held) runs on the main process just before the checkpoint goes
+    into place: it stops a trainer whose run folder's lock was taken over meanwhile.
     """
     root = Path(root)
     final = checkpoint_dir(root, state.step)
@@ -219,6 +231,8 @@ def save_checkpoint(
             "space (or move --out-dir) and run the same command to resume"
         ) from None
     if accelerator.is_main_process:
+        if ensure_held is not None:
+            ensure_held()
         if final.exists():  # the same step saved before (e.g. a resumed run's end): replace it
             _remove(final)
         staging.rename(final)

@@ -20,7 +20,8 @@ class Damaged(ValueError):
     """A checkpoint file is not as it was written; the message names the file and the damage."""
 
 
-def _digest(path: Path) -> str:
+def sha256_of(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (also the Hub model folder's manifest: hub.py)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, ALGORITHM).hexdigest()
 
@@ -31,7 +32,7 @@ def write_checksums(folder: str | Path) -> None:
     files = {
         path.relative_to(folder).as_posix(): {
             "bytes": path.stat().st_size,
-            ALGORITHM: _digest(path),
+            ALGORITHM: sha256_of(path),
         }
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != CHECKSUMS_FILE
@@ -57,7 +58,7 @@ def verify_checksums(folder: str | Path) -> bool:
         path = folder / name
         try:
             actual = path.stat().st_size
-            matches = actual == size and _digest(path) == digest
+            matches = actual == size and sha256_of(path) == digest
         except FileNotFoundError:
             raise Damaged(f"{name} is missing") from None
         except OSError as err:

@@ -11,7 +11,6 @@ Loading reads safetensors and JSON only.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -41,6 +40,7 @@ from distgan.checkpoint import (
     read_trainer_state,
     save_generator,
 )
+from distgan.checksums import sha256_of
 from distgan.config import Config, saved_run_config
 from distgan.errors import UserError, first_line
 from distgan.files import write_atomically, write_json_atomically, write_text_atomically
@@ -171,14 +171,6 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def replaceable(folder: Path) -> bool:
     """Whether `folder` is one distgan wrote and nothing in it changed since: exactly the files
     of its manifest, byte for byte."""
@@ -190,7 +182,7 @@ def replaceable(folder: Path) -> bool:
     entries.pop(MANIFEST_FILE)
     if not isinstance(manifest, dict) or entries.keys() != manifest.keys():
         return False
-    return all(path.is_file() and _sha256(path) == manifest[n] for n, path in entries.items())
+    return all(path.is_file() and sha256_of(path) == manifest[n] for n, path in entries.items())
 
 
 def save_model_folder(
@@ -220,7 +212,7 @@ def save_model_folder(
         score = final_score(run_dir, state.step)
         card = model_card(cfg, state, name=name, score=score, samples=grid.is_file())
         write_text_atomically(staging / CARD_FILE, str(card))
-        manifest = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        manifest = {p.name: sha256_of(p) for p in sorted(staging.iterdir())}
         write_json_atomically(staging / MANIFEST_FILE, manifest, indent=2)
         if out.exists():  # ours and unchanged: replaced in two renames
             out.rename(doomed)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import torch
+from accelerate.utils import broadcast_object_list
 
 from distgan.checkpoint import (
     DAMAGED_FIX,
@@ -32,20 +32,21 @@ DAMAGED_PREFIX = "damaged-"
 def main_decides(processes, decide: Callable[[], T]) -> T:
     """What `decide()` returns on the main process, on every process (`processes`: Accelerate's
     PartialState). A UserError it raises is raised on every process, so that all stop together;
-    any other error on the main process ends the others too, naming it."""
+    any other error on the main process (KeyboardInterrupt included) ends the others too, naming
+    it, and is raised there."""
     outcome: list = [None, None]
     if processes.is_main_process:
         try:
             outcome = [decide(), None]
         except UserError as err:
             outcome = [None, ("user", str(err))]
-        except Exception as err:
+        except BaseException as err:
             outcome = [None, ("other", f"{type(err).__name__}: {err}")]
             if processes.num_processes > 1:
-                torch.distributed.broadcast_object_list(outcome, src=0)
+                broadcast_object_list(outcome)  # else the others wait until the timeout
             raise
     if processes.num_processes > 1:
-        torch.distributed.broadcast_object_list(outcome, src=0)
+        broadcast_object_list(outcome)
     result, error = outcome
     if error is None:
         return result
@@ -86,9 +87,9 @@ def find_resume_point(resume: str, checkpoints_root: Path, say=print) -> Path | 
         return None
     if resume != "auto":
         path = Path(resume)
-        read_trainer_state(path)  # checks that it is a checkpoint at all
+        read_trainer_state(path)  # a checkpoint at all, its state readable: else one line
         try:
-            verified = inspect_checkpoint(path)
+            verified = verify_checksums(path)
         except Damaged as err:
             raise UserError(f"checkpoint {path} is damaged ({err}): {DAMAGED_FIX}") from None
         if not verified:

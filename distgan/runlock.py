@@ -10,8 +10,10 @@ Clusters' shared file systems differ, so the lock has two parts:
   dead and its lock is taken over, with a note.
 A holder is also taken over at once when it is known dead (its process is gone from this host),
 and when it is an earlier attempt of the same SLURM job (SLURM ends that attempt before it
-requeues the job): a requeue is never blocked by itself. A holder that finds its lock taken over
-stops at once and writes nothing more.
+requeues the job): a requeue is never blocked by itself. A takeover always puts a new file in
+place. A holder finds its lock taken over at its next heartbeat (the file is no longer the one it
+holds, or no longer names it), and before a checkpoint goes into place (`ensure_held`): it stops
+there, without another checkpoint; what it wrote since its last heartbeat (samples, metrics) stays.
 
 Imports no torch.
 """
@@ -40,6 +42,7 @@ LOCK_FILE = "run.lock"
 TIMEOUT_ENV = "DISTGAN_LOCK_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
 LOST_EXIT_STATUS = 2
+BEAT_THREAD = "distgan-run-lock-heartbeat"
 RECORD_BYTES = 512  # records are padded to one length: rewritten in place, never seen shrinking
 # What flock raises where the file system does not have it.
 NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
@@ -164,7 +167,7 @@ class RunLock:
         require_writable_dir(self.path.parent, "out_dir")
         for _ in range(10):  # another trainer changed the file meanwhile: look again
             if self._try():
-                self._beating = threading.Thread(target=self._beat, daemon=True)
+                self._beating = threading.Thread(target=self._beat, name=BEAT_THREAD, daemon=True)
                 self._beating.start()
                 atexit.register(self.release)
                 return
@@ -179,7 +182,7 @@ class RunLock:
         self._stop.set()
         if self._beating is not None:
             self._beating.join()
-        if _same_file(self._fd, self.path):
+        if self._owns():
             self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
@@ -214,11 +217,10 @@ class RunLock:
         except UserError:
             os.close(fd)
             raise
-        if locked:
-            self.say(f"note: took over {self.path} from {holder.describe()}: {why}")
-            return self._keep(fd)
-        os.close(fd)
-        return self._replace(holder, why)
+        try:  # a new file: the old holder's fd no longer names the lock, whatever its node
+            return self._replace(holder, why)
+        finally:
+            os.close(fd)  # its flock (if held) kept other takers on this node out meanwhile
 
     def _takeover_reason(self, holder: Holder, locked: bool | None) -> str:
         """Why `holder`'s lock may be taken over; UserError if it may not."""
@@ -254,7 +256,11 @@ class RunLock:
             tmp.unlink(missing_ok=True)
             return False
         os.replace(tmp, self.path)
-        time.sleep(min(0.5, self.timeout / 10))  # a trainer taking it over at the same moment
+        # Two takers at the same moment: the later replace wins, and the earlier taker sees that
+        # below. A race left open: a taker that read the old record but replaces only after this
+        # pause (stalled, as on a slow shared file system) is not seen, and both train until the
+        # earlier one's next heartbeat or checkpoint finds its file replaced and stops (`_lost`).
+        time.sleep(min(0.5, self.timeout / 10))
         if not _same_file(fd, self.path):
             os.close(fd)
             return False
@@ -289,10 +295,31 @@ class RunLock:
         os.ftruncate(fd, len(record))
         os.fsync(fd)  # other nodes read it from the server
 
+    def _owns(self) -> bool:
+        """Whether the lock is still this trainer's: the file at its path is the one it holds,
+        and names it (one stat and one read)."""
+        if not _same_file(self._fd, self.path):
+            return False
+        record = read_holder(self.path, wait=0.5)
+        me = (self.me.host, self.me.pid, self.me.started)
+        return record is not None and (record.host, record.pid, record.started) == me
+
+    def ensure_held(self) -> None:
+        """Stop this trainer as `_lost` does if its lock was taken over (main process, before a
+        checkpoint goes into place); a no-op where the lock is not held (other processes)."""
+        if self._fd is None:
+            return
+        try:
+            mine = self._owns()
+        except OSError:
+            return  # a slow or failing file system: the heartbeat decides, as it does there
+        if not mine:
+            self._lost()
+
     def _beat(self) -> None:
         while not self._stop.wait(self.timeout / 10):
             try:
-                mine = _same_file(self._fd, self.path)
+                mine = self._owns()
                 if mine:
                     self._write(self._fd)
             except OSError:

@@ -541,6 +541,8 @@ class Run:
     tracking: Tracking
     extractor: metrics.FeatureExtractor | None = None
     real_stats: metrics.Stats | None = None
+    lock: RunLock | None = None
+    """The run folder's lock (held by the main process): checked before each checkpoint."""
 
     @property
     def checkpoints(self) -> Path:
@@ -682,7 +684,14 @@ def checkpoint_if_due(run: Run, state: TrainerState, speed: Throughput, now: boo
     if not (state.step % tc.ckpt_every == 0 or now):
         return
     state.wall_time, state.aug_p = speed.wall_time(), run.gan.augment.p
-    save_checkpoint(run.accelerator, run.checkpoints, run.gan.ema, state, keep=tc.keep_checkpoints)
+    save_checkpoint(
+        run.accelerator,
+        run.checkpoints,
+        run.gan.ema,
+        state,
+        keep=tc.keep_checkpoints,
+        ensure_held=run.lock.ensure_held if run.lock is not None else None,
+    )
 
 
 def finish(run: Run, state: TrainerState, stop: StopRequest, stopped_by: str | None) -> None:
@@ -817,6 +826,17 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     processes = start_processes(cfg.train)
     lock = RunLock(out_dir)
     main_decides(processes, lock.acquire)
+    try:  # whatever ends the run, the lock and its heartbeat go (a no-op off the main process)
+        return train_holding_lock(cfg, faults, processes, lock, stop)
+    finally:
+        lock.release()
+
+
+def train_holding_lock(
+    cfg: Config, faults: Faults, processes: PartialState, lock: RunLock, stop: StopRequest
+) -> Path:
+    """The rest of `train`, once the main process holds the run folder's `lock`."""
+    out_dir = Path(cfg.train.out_dir)
     checkpoints = out_dir / "checkpoints"
     resume_from = main_decides(processes, lambda: find_resume_point(cfg.train.resume, checkpoints))
     changes, note, start = {}, "", None
@@ -867,7 +887,7 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
         set_seed(tc.seed + accelerator.process_index)  # each process draws its own z
     progress = progress_bar(total_steps, state.step, enabled=is_main)
     parts = {"cfg": cfg, "gan": gan, "loader": loader, "progress": progress, "fixed_z": fixed_z}
-    run = Run(accelerator=accelerator, out_dir=out_dir, tracking=tracking, **parts)
+    run = Run(accelerator=accelerator, out_dir=out_dir, tracking=tracking, lock=lock, **parts)
     prepare_fid(run, files)
 
     if is_main:
@@ -926,7 +946,6 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     finish(run, state, stop, stopped_by)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    lock.release()
     return out_dir
 
 

@@ -3,7 +3,9 @@ distribution and init keys load with their defaults; new files state them), find
 complete checkpoint (staging folders ignored), and clear errors for missing, corrupt or foreign
 files."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +14,11 @@ from distgan.checkpoint import (
     GENERATOR_META,
     GENERATOR_WEIGHTS,
     STATE_FILE,
+    TrainerState,
     list_checkpoints,
     load_generator,
     read_trainer_state,
+    save_checkpoint,
     save_generator,
 )
 from distgan.errors import UserError
@@ -113,3 +117,55 @@ def test_generator_file_states_channels_and_z_distribution(tmp_path):
     loaded, _ = load_generator(tmp_path)
     assert loaded.config == config
     assert loaded(torch.zeros(2, config.z_dim)).shape == (2, 1, 28, 28)
+
+
+@dataclasses.dataclass(kw_only=True)
+class StateWithHistory(TrainerState):
+    history: list = dataclasses.field(default_factory=list)
+
+
+def test_a_field_with_a_default_factory_is_not_required():
+    state = StateWithHistory.from_json({"step": 3, "model": ModelConfig().to_dict()})
+    assert state.step == 3 and state.history == []
+    with pytest.raises(ValueError, match="^lacks the field 'model'$"):
+        StateWithHistory.from_json({"step": 3})
+
+
+class OneProcessAccelerator:
+    """What save_checkpoint asks of an Accelerator, for one process."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder, safe_serialization):
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+
+
+class FakeEMA:
+    def state_dict(self):
+        return {"weight": torch.zeros(2)}
+
+
+class LockLost(Exception):
+    pass
+
+
+def test_a_checkpoint_goes_into_place_only_while_the_lock_is_held(tmp_path):
+    accelerator, state = OneProcessAccelerator(), TrainerState(step=10, model=ModelConfig())
+    seen = []
+
+    def held():  # RunLock.ensure_held: it sees the checkpoint complete, not yet in place
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+
+    final = save_checkpoint(accelerator, tmp_path, FakeEMA(), state, keep=3, ensure_held=held)
+    assert seen == [[".staging-step-00000010"]] and final == tmp_path / "step-00000010"
+
+    def lost():  # taken over: RunLock.ensure_held ends the process; here, an exception
+        raise LockLost
+
+    with pytest.raises(LockLost):
+        newer = dataclasses.replace(state, step=20)
+        save_checkpoint(accelerator, tmp_path, FakeEMA(), newer, keep=1, ensure_held=lost)
+    assert list_checkpoints(tmp_path) == [final]  # neither the new one nor pruning

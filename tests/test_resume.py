@@ -9,7 +9,8 @@ import json
 import pytest
 from conftest import run_train, small_run
 
-from distgan.checkpoint import STATE_FILE, list_checkpoints, read_trainer_state
+from distgan import resume
+from distgan.checkpoint import STATE_FILE, TrainerState, list_checkpoints, read_trainer_state
 from distgan.checksums import CHECKSUMS_FILE, Damaged, verify_checksums, write_checksums
 from distgan.errors import UserError
 from distgan.models import ModelConfig
@@ -128,6 +129,46 @@ def test_main_decides_passes_results_and_user_errors_on():
 
     with pytest.raises(UserError, match="^no$"):
         main_decides(OneProcess(), refuse)
+
+
+class MainOfTwo:
+    is_main_process, num_processes = True, 2
+
+
+class OtherOfTwo:
+    is_main_process, num_processes = False, 2
+
+
+def test_main_decides_tells_the_others_of_an_interrupt(monkeypatch):
+    sent = []
+    monkeypatch.setattr(resume, "broadcast_object_list", lambda objects: sent.append(objects))
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        main_decides(MainOfTwo(), interrupted)
+    assert sent == [[None, ("other", "KeyboardInterrupt: ")]]  # sent before raising
+
+    def receive(objects):
+        objects[:] = sent[0]
+
+    monkeypatch.setattr(resume, "broadcast_object_list", receive)
+    with pytest.raises(RuntimeError, match="^the main process failed: KeyboardInterrupt: $"):
+        main_decides(OtherOfTwo(), pytest.fail)
+
+
+def test_explicit_resume_reads_the_state_once(tmp_path, monkeypatch):
+    folder = fake_checkpoint(tmp_path, 10)
+    read = []
+    parse = TrainerState.from_json
+    monkeypatch.setattr(
+        TrainerState, "from_json", lambda values: read.append(values) or parse(values)
+    )
+    assert find_resume_point(str(folder), tmp_path, say=pytest.fail) == folder
+    assert len(read) == 1
+    with pytest.raises(UserError, match="is not a complete distgan checkpoint"):
+        find_resume_point(str(tmp_path), tmp_path, say=pytest.fail)
 
 
 @pytest.mark.slow

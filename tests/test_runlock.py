@@ -10,16 +10,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from conftest import REPO, run_train, small_run
 
+from distgan import train as train_module
 from distgan.checkpoint import list_checkpoints, read_trainer_state
+from distgan.config import parse_args
 from distgan.errors import UserError
-from distgan.runlock import LOCK_FILE, LOST_EXIT_STATUS, RunLock, read_holder
+from distgan.runlock import BEAT_THREAD, LOCK_FILE, LOST_EXIT_STATUS, Holder, RunLock, read_holder
 
-# A holder in its own process; it exits (releasing the lock) when its stdin closes.
+# A holder in its own process; it exits (releasing the lock) when its stdin closes, and checks
+# its lock as before a checkpoint on each line "check".
 HOLD = """
 import socket, sys, time
 from distgan.runlock import RunLock
@@ -29,7 +33,9 @@ if host:
 lock = RunLock(folder, timeout=float(timeout), use_flock=flock == "flock")
 lock.acquire()
 print("held", flush=True)
-sys.stdin.read()
+for line in sys.stdin:
+    lock.ensure_held()
+    print("still held", flush=True)
 """
 
 
@@ -114,6 +120,65 @@ def test_without_flock_a_stale_heartbeat_is_taken_over_after_the_timeout(tmp_pat
     mine.release()
 
 
+def test_a_holder_whose_lock_is_taken_over_on_another_node_stops(tmp_path):
+    # flock works within each node only: the holder (on node-a) holds none that this node sees.
+    holder = hold(tmp_path, timeout=1.0, flock=False, host="node-a")
+    holder.send_signal(signal.SIGSTOP)  # its node hangs: no more heartbeats
+    time.sleep(1.5)
+    said = []
+    mine = lock(tmp_path, said, timeout=1.0)  # with flock, which it gets
+    try:
+        mine.acquire()
+        assert len(said) == 1 and "from host node-a" in said[0]
+        holder.send_signal(signal.SIGCONT)  # it wakes up, finds its lock taken and stops
+        assert holder.wait(10) == LOST_EXIT_STATUS
+        assert f"taken over by host {socket.gethostname()}, pid {os.getpid()}" in (
+            holder.stderr.read()
+        )
+        time.sleep(0.3)  # heartbeats of this trainer: its record stays its own
+        assert read_holder(tmp_path / LOCK_FILE).pid == os.getpid()
+    finally:
+        holder.kill()
+        mine.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_holder_checks_its_lock_before_a_checkpoint(tmp_path):
+    holder = hold(tmp_path)  # its first heartbeat only after 30 s
+    holder.stdin.write("check\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline() == "still held\n"
+    # Another trainer's record in the same file (as a takeover before distgan replaced the file)
+    path = tmp_path / LOCK_FILE
+    other = Holder(host="node-b", pid=4242, started=time.time(), heartbeat=time.time())
+    with open(path, "r+b") as f:
+        f.write(other.to_bytes())
+    holder.stdin.write("check\n")
+    holder.stdin.flush()
+    assert holder.wait(10) == LOST_EXIT_STATUS
+    assert holder.stdout.read() == ""  # stopped at the check
+    lost = holder.stderr.read().strip()
+    assert lost.startswith(f"error: the lock of {tmp_path} was taken over by host node-b, pid 4242")
+    assert read_holder(path).host == "node-b"  # it left the file alone
+
+
+def test_a_failing_trainer_gives_its_lock_up(tmp_path, monkeypatch):
+    def fail(deterministic):
+        raise RuntimeError("failed after taking the lock")
+
+    monkeypatch.setattr(train_module.StopRequest, "install", lambda self, under_launcher: None)
+    monkeypatch.setattr(train_module, "configure_kernels", fail)
+    with pytest.raises(RuntimeError, match="failed after taking the lock"):
+        train_module.train(parse_args(["--out-dir", str(tmp_path)]))
+    assert not (tmp_path / LOCK_FILE).exists()
+    assert BEAT_THREAD not in [thread.name for thread in threading.enumerate()]
+    said = []
+    again = lock(tmp_path, said)
+    again.acquire()
+    assert said == []
+    again.release()
+
+
 def test_a_slurm_requeue_takes_over_from_its_earlier_attempt(tmp_path):
     earlier = hold(tmp_path, timeout=1.0, slurm={"SLURM_JOB_ID": "77"})
     for other in ({"SLURM_JOB_ID": "78"}, {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}):
@@ -154,6 +219,10 @@ def test_a_second_trainer_on_a_run_folder_stops_at_once(tmp_path, faces_cache):
         line = second.stderr.strip().splitlines()[-1]
         assert line.startswith(f"error: another trainer is using {out}: host ")
         assert f"pid {first.pid}, started " in line
+        deadline = time.monotonic() + 300
+        while not list_checkpoints(out / "checkpoints"):  # one to resume from
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
     finally:
         first.kill()  # SIGKILL: the lock goes with it
         first.wait()
