@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from bench import digits
 from bench.quality_features import RECORD_FILE, RESOLUTION, load_images, load_net, train_features
 from bench.quality_metrics import NEAREST, Reference
 from bench.run import cpu_model, machine_slug
@@ -467,6 +468,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tiny", action="store_true", help="a few steps on 240 faces: the test suite's smoke run"
     )
+    parser.add_argument(
+        "--digits",
+        type=Path,
+        metavar="DIR",
+        help="the digits benchmark instead (bench/digits.py) on a folder of 28 px digits, e.g. "
+        "mnist_folder.py's 10,000 real MNIST digits",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --digits: trainings run at a time, each in its own process on its share of "
+        "the cores (default 1)",
+    )
+    parser.add_argument(
+        "--subset-steps",
+        type=int,
+        help=f"with --digits: the small-data runs' budget (default {digits.FULL.subset_steps})",
+    )
     parser.add_argument("--steps", type=int, help=f"training steps per run (default {FULL.steps})")
     parser.add_argument(
         "--subsets", type=int, nargs="+", help="numbers of training faces (default 500 2000 10000)"
@@ -508,7 +528,11 @@ def main(argv: list[str] | None = None) -> None:
     log = functools.partial(print, flush=True)
     try:
         if args.table:
-            print(markdown(json.loads(args.table.read_text())), end="")
+            saved = json.loads(args.table.read_text())
+            print((digits.markdown if "digits" in saved else markdown)(saved), end="")
+            return
+        if args.digits:
+            run_digits_benchmark(args, log)
             return
         if args.train_features:
             record = train_features(cache_dir=args.cache_dir, log=log)
@@ -527,6 +551,26 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     result.update(machine=info, date=date)
     table = markdown(result)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table)
+    print(table, end="")
+    print(f"wrote {args.out / stem}.json, {stem}.md and the sample grids in {samples_dir}/")
+
+
+def run_digits_benchmark(args: argparse.Namespace, log) -> None:
+    """`--digits DIR`: bench/digits.py's runs, written and printed like the faces'."""
+    plan = digits.TINY if args.tiny else digits.FULL
+    if args.subset_steps:
+        plan = replace(plan, subset_steps=args.subset_steps)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: use 1 or more")
+    info, date = machine(), datetime.date.today().isoformat()
+    stem = result_stem(info, date, plan.tiny).replace("quality-", "digits-", 1)
+    samples_dir = args.out / stem
+    shutil.rmtree(samples_dir, ignore_errors=True)
+    result = digits.run_digits(plan, args.digits, samples_dir, log, workers=args.jobs)
+    result.update(device=device_name(info), date=date, machine=info)
+    table = digits.markdown(result)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(table)
     print(table, end="")

@@ -1,8 +1,10 @@
-"""The reference training step: a plain fp32 eager DCGAN at 64x64, written the way the
-pytorch/examples dcgan script writes it: D ends in a sigmoid and is trained with BCELoss, its
-real and fake halves get a backward pass each, G's step reuses the fake batch, and the losses
-are read with `.item()` every step. It stays as it is: it is what the project is measured
-against, not part of it."""
+"""The reference training step: a plain fp32 eager DCGAN, written the way the pytorch/examples
+dcgan script writes it: D ends in a sigmoid and is trained with BCELoss, its real and fake halves
+get a backward pass each, G's step reuses the fake batch, and the losses are read with `.item()`
+every step. It stays as it is: it is what the project is measured against, not part of it.
+
+64x64 RGB by default (the speed benchmark); 28x28 grayscale for the digits benchmark, where G
+starts from a 7x7 map and D ends on one (the shapes distgan's own models take at 28 px)."""
 
 from __future__ import annotations
 
@@ -22,10 +24,19 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def make_generator() -> nn.Module:
-    """z [B, 100, 1, 1] -> image [B, 3, 64, 64] in [-1, 1]."""
-    widths = [G_WIDTH * 8, G_WIDTH * 4, G_WIDTH * 2, G_WIDTH]
-    layers: list[nn.Module] = [nn.ConvTranspose2d(Z_DIM, widths[0], 4, 1, 0, bias=False)]
+def shape(resolution: int) -> tuple[int, int]:
+    """(base, stages): 64 = 4 x 2^4, 28 = 7 x 2^2."""
+    shapes = {64: (4, 4), 28: (7, 2)}
+    if resolution not in shapes:
+        raise ValueError(f"resolution={resolution}: the reference takes 64 or 28")
+    return shapes[resolution]
+
+
+def make_generator(channels: int = 3, resolution: int = 64) -> nn.Module:
+    """z [B, 100, 1, 1] -> image [B, channels, resolution, resolution] in [-1, 1]."""
+    base, stages = shape(resolution)
+    widths = [G_WIDTH * 2**k for k in reversed(range(stages))]
+    layers: list[nn.Module] = [nn.ConvTranspose2d(Z_DIM, widths[0], base, 1, 0, bias=False)]
     for c_in, c_out in zip(widths, widths[1:], strict=False):
         layers += [
             nn.BatchNorm2d(c_in),
@@ -33,15 +44,16 @@ def make_generator() -> nn.Module:
             nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
         ]
     layers += [nn.BatchNorm2d(widths[-1]), nn.ReLU(True)]
-    layers += [nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1, bias=False), nn.Tanh()]
+    layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
     return nn.Sequential(*layers)
 
 
-def make_discriminator() -> nn.Module:
-    """image [B, 3, 64, 64] -> probability of being real [B, 1, 1, 1]."""
-    widths = [D_WIDTH, D_WIDTH * 2, D_WIDTH * 4, D_WIDTH * 8]
+def make_discriminator(channels: int = 3, resolution: int = 64) -> nn.Module:
+    """image [B, channels, resolution, resolution] -> probability of being real [B, 1, 1, 1]."""
+    base, stages = shape(resolution)
+    widths = [D_WIDTH * 2**k for k in range(stages)]
     layers: list[nn.Module] = [
-        nn.Conv2d(3, widths[0], 4, 2, 1, bias=False),
+        nn.Conv2d(channels, widths[0], 4, 2, 1, bias=False),
         nn.LeakyReLU(0.2, True),
     ]
     for c_in, c_out in zip(widths, widths[1:], strict=False):
@@ -50,18 +62,20 @@ def make_discriminator() -> nn.Module:
             nn.BatchNorm2d(c_out),
             nn.LeakyReLU(0.2, True),
         ]
-    layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False), nn.Sigmoid()]
+    layers += [nn.Conv2d(widths[-1], 1, base, 1, 0, bias=False), nn.Sigmoid()]
     return nn.Sequential(*layers)
 
 
 class ReferenceDCGAN:
     """G, D, BCELoss and two Adams (lr 2e-4, betas 0.5/0.999), in fp32 on `device`."""
 
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(
+        self, device: torch.device, seed: int = 0, channels: int = 3, resolution: int = 64
+    ):
         torch.manual_seed(seed)
         self.device = device
-        self.generator = make_generator().to(device)
-        self.discriminator = make_discriminator().to(device)
+        self.generator = make_generator(channels, resolution).to(device)
+        self.discriminator = make_discriminator(channels, resolution).to(device)
         self.generator.apply(init_weights)
         self.discriminator.apply(init_weights)
         self.criterion = nn.BCELoss()

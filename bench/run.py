@@ -151,6 +151,44 @@ def measure_training(args, device: torch.device) -> tuple[dict, list]:
     return results, runs
 
 
+def measure_recipes(args, device: torch.device) -> dict:
+    """Images/s of each data kind's recipe against the defaults at its shapes, batch
+    --batch-sizes[0], in the machine's default precision, alternating rounds."""
+    precision = resolve_mixed_precision("auto")
+    variants = training.recipe_steps(args.batch_sizes[0], device, precision)
+    for run in variants.values():
+        training.warm_up(run)
+    steps = {}
+    for name, run in variants.items():
+        start = time.perf_counter()
+        run.steps(1)
+        steps[name] = max(1, round(args.round_seconds / (time.perf_counter() - start)))
+    work = {name: (lambda run=run, n=steps[name]: run.steps(n)) for name, run in variants.items()}
+    print(f"timing each recipe's step: {', '.join(variants)} ...", flush=True)
+    return {
+        "batch": args.batch_sizes[0],
+        "precision": precision,
+        "images_per_sec": timing.paired_rates(work, args.rounds),
+    }
+
+
+def recipe_table(section: dict) -> list[str]:
+    rates = section["images_per_sec"]
+    lines = [
+        "",
+        f"### Recipes: each data kind's step against the defaults' at its shapes, batch "
+        f"{section['batch']}, {section['precision']}",
+        "",
+        "| step | images/s | vs the defaults at these shapes |",
+        "|---|---:|---:|",
+    ]
+    for name, value in rates.items():
+        shapes = name.split(",")[0]
+        base = rates[f"{shapes}, defaults"]["median"]
+        lines.append(f"| {name} | {value['median']:.1f} | {value['median'] / base:.3f}x |")
+    return lines
+
+
 def measure_inference(args, workdir: Path) -> list[dict]:
     from export.bench import measure
     from export.onnx_export import export_onnx
@@ -223,6 +261,8 @@ def tables(result: dict) -> str:
                 f"{'-' if memory is None else f'{memory:.0f}'} | "
                 f"{section['warm_up_seconds'][name]:.1f} |"
             )
+    if "recipes" in result:
+        lines += recipe_table(result["recipes"])
     lines += [
         "",
         "### Inference (python -m export bench)",
@@ -287,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the tables of a saved result, run nothing",
     )
     parser.add_argument(
+        "--recipes-only",
+        action="store_true",
+        help="time only the recipes' steps against the defaults' (a few minutes); writes nothing",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny sizes: checks the harness runs, measures nothing worth keeping",
@@ -308,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_kernels(deterministic=False)  # as the trainer runs by default: cuDNN autotuning
+    if args.recipes_only:
+        print("\n".join(recipe_table(measure_recipes(args, device))))
+        return
     started = time.perf_counter()
     info = machine_info(device)
     print(
@@ -329,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"timing data loading over {args.data_images} JPEGs ...", flush=True)
         result["data"] = measure_data(args, device, workdir)
         result["training"], runs = measure_training(args, device)
+        result["recipes"] = measure_recipes(args, device)
         default = next(name for name in runs[0][1] if name.endswith("(default)"))
         print("profiling the default step ...", flush=True)
         result["profile"] = {

@@ -4,7 +4,9 @@ layout, plus FLOP counts and a profile."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -14,11 +16,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.reference_dcgan import ReferenceDCGAN
 from bench.timing import synchronize
-from distgan.config import TrainConfig
+from distgan.config import TrainConfig, load_toml, make_config
 from distgan.models import ModelConfig
 from distgan.train import build_gan, gan_step
 
 RESOLUTION = 64
+DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "mnist28.toml"
+# Set by the bench itself, not by a recipe: what the step runs in and on.
+BENCH_FIELDS = ("batch_size", "mixed_precision", "channels_last", "compile")
 
 
 def fresh_accelerator(mixed_precision: str, device: torch.device) -> Accelerator:
@@ -30,10 +35,16 @@ def fresh_accelerator(mixed_precision: str, device: torch.device) -> Accelerator
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
-def real_batch(batch_size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+def real_batch(
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool,
+    resolution: int = RESOLUTION,
+    channels: int = 3,
+) -> torch.Tensor:
     """Random images in [-1, 1] laid out as each loader delivers them: DALI's NHWC seen as NCHW
     for the project, contiguous NCHW (DataLoader) for the reference."""
-    images = torch.rand(batch_size, RESOLUTION, RESOLUTION, 3, device=device) * 2 - 1
+    images = torch.rand(batch_size, resolution, resolution, channels, device=device) * 2 - 1
     images = images.permute(0, 3, 1, 2)
     return images if channels_last else images.contiguous()
 
@@ -69,13 +80,24 @@ class TrainerRun:
         precision: str,
         channels_last: bool,
         compile: bool,
+        model: ModelConfig | None = None,
+        train_options: dict | None = None,
     ):
+        """`model`: the shapes (default: 64x64 RGB); `train_options`: other TrainConfig fields
+        (default: the trainer's defaults)."""
         self.batch_size, self.device, self.precision = batch_size, device, precision
         self.accelerator = fresh_accelerator(precision, device)
         options = dict(mixed_precision=precision, channels_last=channels_last, compile=compile)
-        self.config = TrainConfig(batch_size=batch_size, **options)
-        self.gan = build_gan(self.accelerator, ModelConfig(resolution=RESOLUTION), self.config)
-        self.real = real_batch(batch_size, device, channels_last=True)
+        self.config = TrainConfig(batch_size=batch_size, **options, **(train_options or {}))
+        model = model or ModelConfig(resolution=RESOLUTION)
+        self.gan = build_gan(self.accelerator, model, self.config)
+        self.real = real_batch(
+            batch_size,
+            device,
+            channels_last=True,
+            resolution=model.resolution,
+            channels=model.channels,
+        )
         self.step_index = 0
         self.last = None
 
@@ -127,3 +149,34 @@ def top_ops(run, steps: int, limit: int = 12) -> list[dict]:
         }
         for e in ranked
     ]
+
+
+def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
+    """The step of each kind of data's recipe next to the step of the trainer's defaults at the
+    same shapes: 28 px grayscale digits (launch/configs/mnist28.toml) and 64 px RGB faces (the
+    defaults themselves, which are the faces' recipe: timed twice, their spread is the noise)."""
+    digits = make_config(load_toml(DIGITS_RECIPE))
+    recipe = {
+        f.name: getattr(digits.train, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in digits.given and f.name not in BENCH_FIELDS
+    }
+    gray = dataclasses.replace(digits.model, channels=1)
+    shapes = {
+        "28 px gray, defaults": (ModelConfig(resolution=28, channels=1), {}),
+        "28 px gray, mnist28.toml": (gray, recipe),
+        "64 px RGB, defaults": (ModelConfig(resolution=64), {}),
+        "64 px RGB, defaults again": (ModelConfig(resolution=64), {}),
+    }
+    return {
+        name: TrainerRun(
+            batch_size,
+            device,
+            precision=precision,
+            channels_last=True,
+            compile=False,
+            model=model,
+            train_options=options,
+        )
+        for name, (model, options) in shapes.items()
+    }

@@ -70,8 +70,9 @@ class DataConfig:
     """Crop [left, top, width, height] in source pixels before resizing (e.g. CelebA's face:
     35 55 108 108). Unset: the centred largest square."""
 
-    flip: bool = True
-    """Random horizontal flips."""
+    flip: bool | None = None
+    """Random horizontal flips. Unset: on for colour images (faces, scenes), off for grayscale
+    (digits and text, which a mirror turns into other glyphs). --flip/--no-flip decide."""
 
     channels: Literal["auto", "1", "3"] = "auto"
     """Image channels to train on: 1 (grayscale), 3 (RGB), or auto: 1 when every image in the
@@ -96,6 +97,11 @@ class DataConfig:
 
     cache_dir: str | None = None
     """Where the built-in faces are cached. Unset: $DISTGAN_CACHE, else ~/.cache/distgan."""
+
+    def flips_for(self, channels: int) -> bool:
+        """Whether a model of `channels` channels trains on flipped images: `flip` if set, else
+        colour images only."""
+        return self.flip if self.flip is not None else channels == 3
 
     def __post_init__(self) -> None:
         _require_positive(self, "num_threads", "builtin_faces")

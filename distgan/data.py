@@ -462,7 +462,7 @@ class ImageLoader:
             seed=tc.seed,
             channels=cfg.model.channels,
             crop_box=dc.crop_box,
-            flip=dc.flip,
+            flip=dc.flips_for(cfg.model.channels),
             num_threads=dc.num_threads,
             device_id=dali_device_id(accelerator.device),
             decoded_cache=dc.decoded_cache,

@@ -899,9 +899,9 @@ def train_holding_lock(
             f"distgan: {accelerator.num_processes} process(es) on {device.type}, batch "
             f"{tc.batch_size}/process (global {global_batch}), precision "
             f"{accelerator.mixed_precision} ({chosen.why}), {len(files)} images in {data_dir}"
-            f"{' (as grayscale)' if model_cfg.channels == 1 else ''}, "
-            f"{loader.steps_per_epoch} steps/epoch, steps {state.step} -> {total_steps}, "
-            f"output {out_dir}",
+            f"{' (as grayscale)' if model_cfg.channels == 1 else ''}, flips "
+            f"{'on' if loader.flip else 'off'}, {loader.steps_per_epoch} steps/epoch, steps "
+            f"{state.step} -> {total_steps}, output {out_dir}",
             flush=True,
         )
     watch = NonfiniteWatch(device)

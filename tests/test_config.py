@@ -44,6 +44,13 @@ def test_flags_override_the_file(tmp_path):
     assert config.train.loss == "hinge" and config.data.flip is False
 
 
+def test_flips_default_to_colour_images_only():
+    data = parse_args([]).data
+    assert data.flip is None and data.flips_for(3) and not data.flips_for(1)
+    assert parse_args(["--flip"]).data.flips_for(1)
+    assert not parse_args(["--no-flip"]).data.flips_for(3)
+
+
 def test_saved_toml_round_trips(tmp_path):
     config = parse_args(["--crop-box", "25", "50", "128", "128", "--max-steps", "7"])
     config.save_toml(tmp_path / "config.toml")
@@ -131,6 +138,13 @@ def test_example_celeba_config_loads():
     config = parse_args(["--config", str(REPO / "launch" / "configs" / "celeba64.toml")])
     assert isinstance(config, Config) and config.model.resolution == 64
     assert config.data.crop_box is not None
+
+
+def test_example_digits_config_loads():
+    from conftest import REPO
+
+    config = parse_args(["--config", str(REPO / "launch" / "configs" / "mnist28.toml")])
+    assert config.model.resolution == 28 and config.data.flip is False
 
 
 def saved_run() -> Config:
