@@ -7,7 +7,8 @@ Runs, each scored on EMA samples (the reference loop has no EMA: its G) from one
   5-epoch checkpoint is what a 5-epoch run ends with);
 - the reference loop (bench/reference_dcgan.py: pytorch/examples' dcgan, at 28 px) on the same
   digits, the same epochs, batch and shapes;
-- small data: the recipe and the recipe with `--augment none` on the first 500 and 2,000 digits.
+- small data: the recipe with `--augment diffaugment` and with `--augment none` on the first 500
+  and 2,000 digits.
 
 Scale lines put the numbers in context: real digits the reference does not hold (the floor), the
 same blurred by a 3x3 box filter (the goals' unit) and uniform noise. Writes
@@ -31,14 +32,13 @@ from safetensors.torch import load_file, save_file
 
 from bench.digit_metrics import DigitReference, blurred, load_digit_folder
 from bench.digit_scorer import RECORD_FILE, RESOLUTION, load_scorer
+from bench.quality import ema_generators, generate
 from bench.reference_dcgan import ReferenceDCGAN, make_generator
-from distgan.checkpoint import checkpoint_dir, load_checkpoint_ema, load_generator
 from distgan.config import load_toml, make_config
 from distgan.data import find_images
 from distgan.env import available_cpus
 from distgan.errors import UserError
-from distgan.metrics import to_uint8
-from distgan.models import sample_latents
+from distgan.models import ModelConfig, sample_latents
 from distgan.report import save_grid
 from distgan.train import resolve_mixed_precision, train
 
@@ -99,7 +99,8 @@ TINY = DigitPlan(
 GOAL_BLUR_RATIO = {5: 0.5, 25: 0.25}  # FD <= this x the blurred real digits' FD, by epochs
 GOAL_ENTROPY, GOAL_CONFIDENCE = 2.25, 0.9
 GOAL_OVER_REFERENCE = 3.0  # reference FD / recipe FD at the same epochs
-GOAL_OVER_NONE = 1.5  # small data: --augment none FD / recipe FD
+GOAL_OVER_NONE = 1.5  # small data: --augment none FD / --augment diffaugment FD
+SMALL_DATA_AUGMENTS = ("diffaugment", "none")  # the recipe with each, on the small subsets
 
 
 def recipe_config(out_dir: Path, data_dir: Path, steps: int, every: int, tiny: bool, **overrides):
@@ -123,23 +124,6 @@ def recipe_config(out_dir: Path, data_dir: Path, steps: int, every: int, tiny: b
     )
 
 
-def ema_generators(run_dir: Path, steps: tuple[int, ...]) -> dict:
-    """The EMA generator at each scored step; the last one is the run's generator file."""
-    final, _ = load_generator(run_dir)
-    earlier = {
-        s: load_checkpoint_ema(checkpoint_dir(run_dir / "checkpoints", s), final.config)
-        for s in steps[:-1]
-    }
-    return {s: g.eval().requires_grad_(False) for s, g in earlier.items()} | {steps[-1]: final}
-
-
-@torch.no_grad()
-def generate(generator, z: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat(
-        [to_uint8(generator(z[i : i + batch_size])) for i in range(0, len(z), batch_size)]
-    )
-
-
 class Scoring:
     """The scorer, the reference digits, the fixed z and where the grids go."""
 
@@ -148,7 +132,7 @@ class Scoring:
             load_scorer(), digits[len(digits) // 2 :], coverage_count=plan.samples
         )
         self.z = sample_latents(
-            make_config(resolution=RESOLUTION).model,
+            ModelConfig(resolution=RESOLUTION, channels=1),
             plan.samples,
             generator=torch.Generator().manual_seed(SAMPLE_SEED),
         )
@@ -258,10 +242,10 @@ def run_digits(plan: DigitPlan, data_dir: Path, grids: Path, log, workers: int =
     started = time.perf_counter()
     files = sorted(find_images(data_dir), key=lambda path: (Path(path).name, path))
     digits = load_digit_folder(data_dir)
-    if len(digits) < 2 * plan.samples or len(digits) < max(plan.subsets):
+    if len(digits) < 2 * plan.samples or len(digits) < max(plan.subsets, default=0):
         raise UserError(
             f"{data_dir} holds {len(digits)} digits: the plan needs {2 * plan.samples} (its "
-            f"samples twice) and at least {max(plan.subsets)}"
+            f"samples twice) and at least {max(plan.subsets, default=0)}"
         )
     grids.mkdir(parents=True, exist_ok=True)
     scoring = Scoring(digits, plan, grids)
@@ -288,7 +272,7 @@ def run_digits(plan: DigitPlan, data_dir: Path, grids: Path, log, workers: int =
         steps = plan.subset_scored_steps
         for count in plan.subsets:
             folder = subset_folder(files, count, work / "data")
-            for augment in ("recipe", "none"):
+            for augment in SMALL_DATA_AUGMENTS:
                 jobs.append(
                     Job(
                         name=f"{count}-{augment}",
@@ -297,7 +281,7 @@ def run_digits(plan: DigitPlan, data_dir: Path, grids: Path, log, workers: int =
                         steps=steps[-1],
                         scored=steps,
                         grid_at=(steps[-1],),
-                        overrides=() if augment == "recipe" else (("augment", "none"),),
+                        overrides=(("augment", augment),),
                         images=count,
                     )
                 )
@@ -357,10 +341,15 @@ def goals(result: dict) -> list[dict]:
     for count in plan["subsets"]:
         ratio = (
             runs[f"{count}-none"]["scores"][last]["fd"]
-            / runs[f"{count}-recipe"]["scores"][last]["fd"]
+            / runs[f"{count}-diffaugment"]["scores"][last]["fd"]
         )
         checks.append(
-            check(f"{count} digits, {last} steps: none FD / recipe FD", ratio, ">=", GOAL_OVER_NONE)
+            check(
+                f"{count} digits, {last} steps: none FD / diffaugment FD",
+                ratio,
+                ">=",
+                GOAL_OVER_NONE,
+            )
         )
     return checks
 

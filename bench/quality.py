@@ -12,7 +12,8 @@ Fréchet distance in the features of a network trained to read the faces' drawin
 back (bench/quality_features.py), and coverage in the parameters it reads.
 
 Writes bench/results/quality-<machine>-<date>.json and .md, a sample grid per setting, prints the
-tables, which setting meets the goals, and the recommended default.
+tables, which setting meets the goals, and the recommended default. With `--digits DIR` it runs
+the digits benchmark instead (bench/digits.py: real MNIST digits, scored by a digit classifier).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from bench import digits
 from bench.quality_features import RECORD_FILE, RESOLUTION, load_images, load_net, train_features
 from bench.quality_metrics import NEAREST, Reference
 from bench.run import cpu_model, machine_slug
@@ -163,14 +163,15 @@ def train_one(plan: Plan, subset: int, augment: str, run_dir: Path, cache_dir: s
     train(cfg)
 
 
-def ema_generators(plan: Plan, run_dir: Path) -> dict[int, Generator]:
-    """The EMA generator at each scored step; at the last, the run's generator file."""
+def ema_generators(run_dir: Path, steps: tuple[int, ...]) -> dict[int, Generator]:
+    """The EMA generator of the run in `run_dir` at each of `steps`; at the last, the run's
+    generator file."""
     final, _ = load_generator(run_dir)
     generators = {
         step: load_checkpoint_ema(checkpoint_dir(run_dir / "checkpoints", step), final.config)
-        for step in plan.scored_steps[:-1]
+        for step in steps[:-1]
     }
-    return {step: g.requires_grad_(False) for step, g in generators.items()} | {plan.steps: final}
+    return {step: g.requires_grad_(False) for step, g in generators.items()} | {steps[-1]: final}
 
 
 @torch.no_grad()
@@ -296,7 +297,7 @@ def run_benchmark(
             start = time.perf_counter()
             train_one(plan, subset, augment, run_dir, cache_dir)
             train_seconds = time.perf_counter() - start
-            generators = ema_generators(plan, run_dir)
+            generators = ema_generators(run_dir, plan.scored_steps)
             final = generators[plan.steps]
             z = fixed_latents(final, plan.samples)
             scores = {
@@ -483,9 +484,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the cores (default 1)",
     )
     parser.add_argument(
+        "--whole-set-only",
+        action="store_true",
+        help="with --digits: leave out the small-data runs",
+    )
+    parser.add_argument(
         "--subset-steps",
         type=int,
-        help=f"with --digits: the small-data runs' budget (default {digits.FULL.subset_steps})",
+        help="with --digits: the small-data runs' budget (default 3000)",
     )
     parser.add_argument("--steps", type=int, help=f"training steps per run (default {FULL.steps})")
     parser.add_argument(
@@ -528,6 +534,8 @@ def main(argv: list[str] | None = None) -> None:
     log = functools.partial(print, flush=True)
     try:
         if args.table:
+            from bench import digits
+
             saved = json.loads(args.table.read_text())
             print((digits.markdown if "digits" in saved else markdown)(saved), end="")
             return
@@ -559,9 +567,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_digits_benchmark(args: argparse.Namespace, log) -> None:
     """`--digits DIR`: bench/digits.py's runs, written and printed like the faces'."""
+    from bench import digits  # here: bench/digits.py builds on this module
+
     plan = digits.TINY if args.tiny else digits.FULL
     if args.subset_steps:
         plan = replace(plan, subset_steps=args.subset_steps)
+    if args.whole_set_only:
+        plan = replace(plan, subsets=())
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: use 1 or more")
     info, date = machine(), datetime.date.today().isoformat()

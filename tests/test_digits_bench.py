@@ -102,7 +102,12 @@ def test_tiny_digits_run_writes_every_goal(tmp_path):
     data = json.loads(path.read_text())
     scale = data["scale"]
     assert scale["real"]["fd"] < scale["noise"]["fd"]
-    assert [run["name"] for run in data["runs"]] == ["recipe", "reference", "48-recipe", "48-none"]
+    assert [run["name"] for run in data["runs"]] == [
+        "recipe",
+        "reference",
+        "48-diffaugment",
+        "48-none",
+    ]
     per_epoch = data["steps_per_epoch"]
     assert per_epoch == 10  # 160 digits, batch 16
     for run in data["runs"][:2]:
@@ -119,7 +124,7 @@ def test_tiny_digits_run_writes_every_goal(tmp_path):
         "1 epochs: reference FD / recipe FD",
         "2 epochs: class entropy",
     ]
-    assert goals[-1] == "48 digits, 8 steps: none FD / recipe FD"
+    assert goals[-1] == "48 digits, 8 steps: none FD / diffaugment FD"
     grids = {p.name for p in (out / path.stem).iterdir()}
     assert {"recipe-10.png", "recipe-20.png", "reference-10.png", "48-none-8.png"} <= grids
     table = path.with_suffix(".md").read_text()
