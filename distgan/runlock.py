@@ -161,9 +161,12 @@ class RunLock:
         self._fd: int | None = None
         self._stop = threading.Event()
         self._beating: threading.Thread | None = None
+        self._made_folder = False
 
     def acquire(self) -> None:
         """Hold the lock, or raise UserError naming the trainer that holds it."""
+        # A run refused before any work leaves no folder behind that it made only for the lock.
+        self._made_folder = not self.path.parent.exists()
         require_writable_dir(self.path.parent, "out_dir")
         for _ in range(10):  # another trainer changed the file meanwhile: look again
             if self._try():
@@ -184,6 +187,9 @@ class RunLock:
             self._beating.join()
         if self._owns():
             self.path.unlink(missing_ok=True)
+            if self._made_folder:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something
+                    self.path.parent.rmdir()
         os.close(self._fd)
         self._fd = None
         atexit.unregister(self.release)
