@@ -403,7 +403,7 @@ def test_a_folder_of_mixed_formats_trains_on_every_image(tmp_path):
         f"data: 22 images (13 JPEG, 4 WebP, 4 BMP, 1 PNG) in {folder}; skipped 2 files without "
         "an image extension: notes.txt, thumbs.db"
     ) in result.stdout
-    assert f"22 images in {folder}, 3 steps/epoch" in result.stdout  # 22 / 8 per batch
+    assert f"22 images in {folder}, flips on, 3 steps/epoch" in result.stdout  # 22 / 8 per batch
     assert "decoded-image cache: 22 images" in result.stdout
     assert metrics(out)[-1]["images_seen"] == 32
     assert image_array(out / "samples" / "real.png").std() > 5
