@@ -62,7 +62,7 @@ class DigitPlan:
 
     def __post_init__(self) -> None:
         if any(e % self.curve_epochs for e in self.epochs):
-            raise UserError(f"epochs={self.epochs}: use multiples of curve_epochs={self.curve_epochs}")
+            raise UserError(f"epochs={self.epochs}: use multiples of {self.curve_epochs}")
         if self.subset_steps % 4:
             raise UserError(f"--subset-steps {self.subset_steps}: use a multiple of 4")
 
