@@ -26,6 +26,8 @@ from distgan.augment import DIFF_OPS, AugmentMode
 from distgan.errors import UserError
 from distgan.files import write_text_atomically
 from distgan.losses import Loss
+
+LrSchedule = Literal["constant", "linear", "cosine"]
 from distgan.models import ModelConfig
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
@@ -154,6 +156,12 @@ class TrainConfig:
 
     beta2: float = 0.999
     """Adam beta2."""
+
+    lr_schedule: LrSchedule = "constant"
+    """The learning rates over the run: constant, or falling from lr_g and lr_d at step 0 to 0 at
+    the run's last step (max_steps, or epochs x steps per epoch) along a line (linear) or a
+    half cosine (cosine). A resumed run with a new budget follows the new one from where it is.
+    Can change on resume."""
 
     loss: Loss = "bce"
     """GAN loss: bce (non-saturating, with label smoothing), hinge, or wgan-gp."""

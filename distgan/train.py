@@ -9,6 +9,7 @@ maintenance (metrics, evaluation, samples, checkpoints) decides its own timing.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -434,6 +435,16 @@ class GAN:
         for optimizer, base in ((self.opt_g, tc.lr_g), (self.opt_d, tc.lr_d)):
             for group in optimizer.param_groups:
                 group["lr"] = base * scale
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The learning rates' multiplier at `step` (0-based) of `total_steps` (lr_schedule)."""
+    done = min(step / total_steps, 1.0)
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return 1.0
 
 
 def build_gan(
@@ -915,6 +926,9 @@ def train_holding_lock(
                 if is_main and state.step == 0:
                     save_grid(real[: tc.num_samples].clone(), out_dir / "samples" / "real.png")
                 poison = faults.poison(state.step + 1)
+                if tc.lr_schedule != "constant":
+                    factor = lr_factor(tc.lr_schedule, state.step, total_steps)
+                    gan.set_learning_rates(tc, state.lr_scale * factor)
                 out = gan_step(accelerator, tc, gan, real, state.step, poison)
                 watch.record(out.skipped)
                 state.step += 1
