@@ -1,6 +1,6 @@
 """The digits benchmark's scores of a set of 28 px grayscale images against real digits.
 
-- FD: the Fréchet distance (FID's formula, `distgan.metrics.fid`) between Gaussians fitted to the
+- FD: the Fréchet distance (FID's formula, `metrics.fid.fid`) between Gaussians fitted to the
   digit scorer's penultimate features (bench/digit_scorer.py) of the images and of the reference
   digits. Lower is better; every set scored has the same count, as FD depends on it.
 - class entropy: the entropy of the scorer's mean class distribution over the images; ln 10 =
@@ -21,9 +21,9 @@ from PIL import Image
 
 from bench.digit_scorer import RESOLUTION, DigitNet, features_and_probabilities
 from bench.quality_metrics import NEAREST, coverage
-from distgan.data import find_images
+from distgan.data.loader import find_images
 from distgan.errors import UserError
-from distgan.metrics import Stats, fid
+from distgan.metrics.fid import Stats, fid
 
 
 def load_digit_folder(folder: str | Path) -> torch.Tensor:

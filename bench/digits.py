@@ -34,13 +34,13 @@ from bench.digit_metrics import DigitReference, blurred, load_digit_folder
 from bench.digit_scorer import RECORD_FILE, RESOLUTION, load_scorer
 from bench.quality import ema_generators, generate
 from bench.reference_dcgan import ReferenceDCGAN, make_generator
-from distgan.config import load_toml, make_config
-from distgan.data import find_images
-from distgan.env import available_cpus
+from distgan.config.sections import load_toml, make_config
+from distgan.data.loader import find_images
 from distgan.errors import UserError
-from distgan.models import ModelConfig, sample_latents
-from distgan.report import save_grid
-from distgan.train import resolve_mixed_precision, train
+from distgan.models.dcgan import ModelConfig, sample_latents
+from distgan.outputs.report import save_grid
+from distgan.runtime.env import available_cpus
+from distgan.training.trainer import resolve_mixed_precision, train
 
 RECIPE_FILE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "mnist28.toml"
 SAMPLE_SEED = 1234  # the z of every scored sample set

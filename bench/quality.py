@@ -1,12 +1,12 @@
 """`python -m bench.quality`: how good the faces a fixed training budget makes are, for each amount
 of data and each augmentation setting, and whether augmentation earns its place as the default.
 
-It trains the real trainer (`distgan.train.train`) at 32 px on the first 500, 2,000 and 10,000
+It trains the real trainer (`training.trainer.train`) at 32 px on the first 500, 2,000 and 10,000
 built-in faces with each `--augment` setting, scores 1,000 samples of the EMA generator at each
 quarter of the budget (the learning rates are constant, so the half-way checkpoint is what a run
 of half the steps ends with; the four points show whether a run still improves or has turned
 worse), at the full budget also with BatchNorm re-estimation
-(`distgan.ema.recalibrate_batchnorm`), and puts the numbers on a scale: real faces against the
+(`models.ema.recalibrate_batchnorm`), and puts the numbers on a scale: real faces against the
 reference (the floor) and uniform noise (the ceiling). Scores (bench/quality_metrics.py): the
 Fréchet distance in the features of a network trained to read the faces' drawing parameters
 back (bench/quality_features.py), and coverage in the parameters it reads.
@@ -38,17 +38,17 @@ import torch
 from bench.quality_features import RECORD_FILE, RESOLUTION, load_images, load_net, train_features
 from bench.quality_metrics import NEAREST, Reference
 from bench.run import cpu_model, machine_slug
-from distgan.augment import AugmentMode
-from distgan.checkpoint import checkpoint_dir, load_checkpoint_ema, load_generator
-from distgan.config import make_config
-from distgan.data import find_images
-from distgan.ema import recalibrate_batchnorm
+from distgan.config.sections import make_config
+from distgan.data.faces import ensure_builtin_faces, render_size
+from distgan.data.loader import find_images
 from distgan.errors import UserError
-from distgan.faces import ensure_builtin_faces, render_size
-from distgan.metrics import to_uint8
-from distgan.models import Generator, sample_latents
-from distgan.report import read_jsonl, save_grid
-from distgan.train import resolve_mixed_precision, train
+from distgan.metrics.fid import to_uint8
+from distgan.models.augment import AugmentMode
+from distgan.models.dcgan import Generator, sample_latents
+from distgan.models.ema import recalibrate_batchnorm
+from distgan.outputs.checkpoint import checkpoint_dir, load_checkpoint_ema, load_generator
+from distgan.outputs.report import read_jsonl, save_grid
+from distgan.training.trainer import resolve_mixed_precision, train
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 AUGMENTS = typing.get_args(AugmentMode)
@@ -427,7 +427,7 @@ def bn_summary(runs: list[dict], full: str) -> str:
     better = sum(ratio < 1 for ratio in ratios)
     median = ratios[len(ratios) // 2]
     return (
-        f"BatchNorm re-estimation (`distgan.ema.recalibrate_batchnorm`): FD lower for {better} of "
+        f"BatchNorm re-estimation (`recalibrate_batchnorm`): FD lower for {better} of "
         f"{len(ratios)} EMA generators; median FD ratio re-estimated / as trained {median:.3f}."
     )
 

@@ -1,5 +1,5 @@
 """The quality benchmark's feature network: a small CNN that reads the built-in faces' drawing
-parameters (distgan.faces.PARAMETER_NAMES: colours, head and feature geometry, pose, camera) back
+parameters (faces.PARAMETER_NAMES: colours, head and feature geometry, pose, camera) back
 from a 32 px image. Its penultimate layer is the feature space the benchmark measures distances
 in; its predictions are the parameter space it measures coverage in.
 
@@ -27,10 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distgan.data import ImageLoader, find_images
-from distgan.env import available_cpus
-from distgan.errors import UserError
-from distgan.faces import (
+from distgan.data.faces import (
     MIRRORED_PARAMETERS,
     PARAMETER_GROUPS,
     PARAMETER_NAME_GROUPS,
@@ -42,6 +39,9 @@ from distgan.faces import (
     render_range,
     render_size,
 )
+from distgan.data.loader import ImageLoader, find_images
+from distgan.errors import UserError
+from distgan.runtime.env import available_cpus
 
 RESOLUTION = 32
 FEATURES = 128  # width of the penultimate layer: the feature vector

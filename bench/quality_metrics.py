@@ -1,6 +1,6 @@
 """The quality benchmark's two scores of a set of images against the reference faces.
 
-- FD: the Fréchet distance (FID's formula, `distgan.metrics.fid`) between Gaussians fitted to the
+- FD: the Fréchet distance (FID's formula, `metrics.fid.fid`) between Gaussians fitted to the
   feature network's penultimate-layer features of the images and of the reference faces. Lower
   is better; it sees both fidelity and variety, and like FID it depends on the sample count, so
   every set scored here has the same count.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.quality_features import FaceParameterNet, features, predict
-from distgan.metrics import Stats, fid
+from distgan.metrics.fid import Stats, fid
 
 NEAREST = 5  # k of coverage's neighbourhoods, as Naeem et al.
 

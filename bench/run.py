@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from bench import loaders, timing, training
-from distgan.checkpoint import save_generator
-from distgan.config import TrainConfig
-from distgan.models import Generator, ModelConfig
-from distgan.train import configure_kernels, cpu_has_native_bf16, resolve_mixed_precision
+from distgan.config.sections import TrainConfig
+from distgan.models.dcgan import Generator, ModelConfig
+from distgan.outputs.checkpoint import save_generator
+from distgan.training.trainer import configure_kernels, cpu_has_native_bf16, resolve_mixed_precision
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

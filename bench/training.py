@@ -1,5 +1,5 @@
-"""Training-step figures: the reference loop against the project's step (`distgan.train.gan_step`
-on G and D built by `distgan.train.build_gan`, the trainer's own code) in each precision and
+"""Training-step figures: the reference loop against the project's step (`gan_step`
+on G and D built by `build_gan`, the trainer's own code) in each precision and
 layout, plus FLOP counts and a profile."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.reference_dcgan import ReferenceDCGAN
 from bench.timing import synchronize
-from distgan.config import TrainConfig, load_toml, make_config
-from distgan.models import ModelConfig
-from distgan.train import build_gan, gan_step
+from distgan.config.sections import TrainConfig, load_toml, make_config
+from distgan.models.dcgan import ModelConfig
+from distgan.training.trainer import build_gan, gan_step
 
 RESOLUTION = 64
 DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "mnist28.toml"

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distgan.checkpoint import load_generator
 from distgan.errors import UserError
+from distgan.outputs.checkpoint import load_generator
 from export.generate import Runner
 from export.runtime import create_session, cuda_device_count, model_info, session_device
 

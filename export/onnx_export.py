@@ -14,10 +14,10 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from distgan import __version__
-from distgan.checkpoint import GENERATOR_WEIGHTS, load_generator
 from distgan.errors import UserError, first_line
-from distgan.files import write_atomically
-from distgan.models import Generator, sample_latents
+from distgan.models.dcgan import Generator, sample_latents
+from distgan.outputs.checkpoint import GENERATOR_WEIGHTS, load_generator
+from distgan.runtime.files import write_atomically
 from export.runtime import (
     FLOAT_OUTPUT,
     UINT8_OUTPUT,

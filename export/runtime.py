@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from distgan.errors import UserError, first_line  # a torch-free module
-from distgan.ort_cuda import cuda_provider_problem, preload_cuda_libraries  # torch-free too
+from distgan.runtime.ort_cuda import cuda_provider_problem, preload_cuda_libraries  # torch-free too
 from export.latents import Z_DISTRIBUTIONS
 
 # The output's layout; its channels (3 RGB, 1 gray) are the "channels" key. Older exports wrote

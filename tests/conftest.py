@@ -42,9 +42,9 @@ def pytest_configure(config):
 
 
 def gpus_of_this_machine() -> str | None:
-    """What shows NVIDIA GPUs here (distgan.env.visible_gpus) to the environment this run
+    """What shows NVIDIA GPUs here (distgan.runtime.env.visible_gpus) to the environment this run
     started with, before it hid them; None on a machine without."""
-    from distgan.env import visible_gpus
+    from distgan.runtime.env import visible_gpus
 
     environ = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     if STARTING_CUDA_VISIBLE_DEVICES is not None:
@@ -116,7 +116,7 @@ def mixed_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def faces_cache(tmp_path_factory) -> Path:
     """A cache folder holding a small set of built-in faces, rendered once per test session."""
-    from distgan.faces import ensure_builtin_faces
+    from distgan.data.faces import ensure_builtin_faces
 
     cache = tmp_path_factory.mktemp("faces-cache")
     ensure_builtin_faces(240, 128, cache)

@@ -1,4 +1,4 @@
-"""Discriminator augmentation (distgan/augment.py and its use in training): DiffAugment and ADA are
+"""Discriminator augmentation (distgan/models/augment.py and its use in training): DiffAugment and ADA are
 differentiable end to end (gradients reach the images and G through D(aug(G(z)))); the same
 generator state and p give the same ops and another seed others; ADA at p = 0 is the identity
 and at p = 0 the training step is bitwise the step without augmentation; ADA draws its ops per
@@ -18,9 +18,9 @@ import torch
 from conftest import SMALL_GAN, run_train, small_run, write_images
 from safetensors.torch import load_file
 
-from distgan.augment import Augment, ada_augment, diff_augment
-from distgan.checkpoint import read_trainer_state
-from distgan.models import Discriminator, Generator, ModelConfig
+from distgan.models.augment import Augment, ada_augment, diff_augment
+from distgan.models.dcgan import Discriminator, Generator, ModelConfig
+from distgan.outputs.checkpoint import read_trainer_state
 
 TINY = ModelConfig(resolution=32, g_channels=8, d_channels=8, z_dim=16)
 
@@ -157,8 +157,8 @@ def test_the_controller_moves_p_by_the_sign_of_real_logits_within_0_and_1():
 def tiny_gan(**train):
     """A CPU fp32 GAN as the trainer builds it, and one batch of real images."""
     from bench.training import fresh_accelerator
-    from distgan.config import TrainConfig
-    from distgan.train import build_gan
+    from distgan.config.sections import TrainConfig
+    from distgan.training.trainer import build_gan
 
     accelerator = fresh_accelerator("no", torch.device("cpu"))
     tc = TrainConfig(batch_size=4, **train)
@@ -167,7 +167,7 @@ def tiny_gan(**train):
 
 
 def trained_weights(steps=2, p=0.0, **train) -> list[torch.Tensor]:
-    from distgan.train import gan_step
+    from distgan.training.trainer import gan_step
 
     accelerator, tc, gan, real = tiny_gan(**train)
     gan.augment.restore(p)

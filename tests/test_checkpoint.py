@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distgan.checkpoint import (
+from distgan.errors import UserError
+from distgan.models.dcgan import Generator, ModelConfig
+from distgan.outputs.checkpoint import (
     GENERATOR_META,
     GENERATOR_WEIGHTS,
     STATE_FILE,
@@ -21,8 +23,6 @@ from distgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
-from distgan.errors import UserError
-from distgan.models import Generator, ModelConfig
 
 
 def test_generator_round_trip(tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from distgan.config import (
+from distgan.config.sections import (
     SECTIONS,
     Config,
     build_parser,

@@ -16,8 +16,8 @@ import torch
 from conftest import colour_index, solid_colour, write_images
 from PIL import Image
 
-from distgan import data as data_module
-from distgan.data import (
+from distgan.data import loader as data_module
+from distgan.data.loader import (
     ImageLoader,
     dali_device_id,
     epoch_order,

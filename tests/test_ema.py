@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from distgan.ema import EMA, recalibrate_batchnorm
-from distgan.models import Generator, ModelConfig, sample_latents
+from distgan.models.dcgan import Generator, ModelConfig, sample_latents
+from distgan.models.ema import EMA, recalibrate_batchnorm
 
 
 def test_update_is_a_lerp_with_warmup():

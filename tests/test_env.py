@@ -1,6 +1,6 @@
 """Machine facts: CPUs and memory within cgroup (v1 and v2) and affinity limits, GPUs that are
 visible to a job whose torch cannot use them (a one-line error, also from the trainer), two DALI
-builds installed at once, and `python -m distgan.env`."""
+builds installed at once, and `python -m distgan.runtime.env`."""
 
 import os
 import runpy
@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import REPO, gpus_of_this_machine, run_train
 
-from distgan import env
 from distgan.errors import UserError
+from distgan.runtime import env
 
 GIB = 2**30
 
@@ -133,7 +133,7 @@ def test_installed_dali_builds_are_found(monkeypatch):
     gpus_of_this_machine() is not None, reason="shows a CPU machine's report; this one has GPUs"
 )
 def test_env_report_and_the_trainer_refuse_hidden_gpus(tmp_path):
-    command = [sys.executable, "-m", "distgan.env"]
+    command = [sys.executable, "-m", "distgan.runtime.env"]
     ok = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "torch " in ok.stdout and "DALI: nvidia-dali-cuda" in ok.stdout

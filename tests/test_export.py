@@ -25,9 +25,9 @@ from PIL import Image
 import export.bench
 import export.onnx_export
 import export.runtime
-from distgan.checkpoint import save_generator
 from distgan.errors import UserError
-from distgan.models import Generator, ModelConfig
+from distgan.models.dcgan import Generator, ModelConfig
+from distgan.outputs.checkpoint import save_generator
 from export.__main__ import main as export_main
 from export.bench import bench, ort_side, torch_side
 from export.generate import Runner, generate, to_pixels
@@ -334,7 +334,11 @@ def test_generate_without_torch_preloads_the_cuda_libraries_and_says_when_it_fal
     if not library.is_file():
         pytest.skip(f"onnxruntime {ort.__version__} here has no CUDA provider library")
     bare = subprocess.run(
-        [sys.executable, "-c", "from distgan.ort_cuda import *; print(cuda_provider_problem())"],
+        [
+            sys.executable,
+            "-c",
+            "from distgan.runtime.ort_cuda import *; print(cuda_provider_problem())",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -361,16 +365,16 @@ def test_generate_without_torch_preloads_the_cuda_libraries_and_says_when_it_fal
 
 
 def test_the_env_report_tries_the_cuda_provider_without_torch(monkeypatch):
-    """`python -m distgan.env` imports torch, which loads CUDA libraries that a torch-free
+    """`python -m distgan.runtime.env` imports torch, which loads CUDA libraries that a torch-free
     `python -m export generate` lacks: its onnxruntime line must come from a process without
     torch (here, with no GPU, one that cannot load libcuda; never a library pip installed)."""
     import onnxruntime as ort
 
-    from distgan import env
+    from distgan.runtime import env
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip(f"onnxruntime {ort.__version__} here has no CUDA provider")
-    probed = run_module("distgan.ort_cuda", timeout=180)
+    probed = run_module("distgan.runtime.ort_cuda", timeout=180)
     assert probed.returncode == 0, probed.stderr
     answer = json.loads(probed.stdout.strip().splitlines()[-1])
     assert answer["torch_loaded"] is False
@@ -575,7 +579,11 @@ def test_bench_sides_do_the_same_work_and_rows_name_what_ran(exported, monkeypat
 
 
 def test_evaluate_records_the_onnx_provider_that_ran(exported, monkeypatch, jpeg_folder, tmp_path):
-    from distgan.evaluate import OnnxGenerator, build_parser, evaluate  # others' failures stay here
+    from distgan.metrics.evaluate import (
+        OnnxGenerator,
+        build_parser,
+        evaluate,
+    )  # others' failures stay here
 
     _, _, paths = exported
     data = ["--data-dir", str(jpeg_folder), "--cache-dir", str(tmp_path)]

@@ -3,7 +3,7 @@ parameters are exposed, and they describe the picture."""
 
 import numpy as np
 
-from distgan.faces import (
+from distgan.data.faces import (
     MIRRORED_PARAMETERS,
     PARAMETER_NAME_GROUPS,
     PARAMETER_NAMES,

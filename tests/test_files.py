@@ -1,4 +1,4 @@
-"""The small shared helpers: atomic writes (distgan.files: the file appears whole with its content,
+"""The small shared helpers: atomic writes (distgan.runtime.files: the file appears whole with its content,
 no temporary file is left, a failing writer leaves the previous file as it was, the writer's
 result is passed back) and first_line (distgan.errors: the first line of an error message, cut to
 a limit, or the exception's type name when the message is empty)."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distgan.errors import first_line
-from distgan.files import write_atomically, write_json_atomically, write_text_atomically
+from distgan.runtime.files import write_atomically, write_json_atomically, write_text_atomically
 
 
 def test_the_file_appears_whole_and_no_temporary_file_is_left(tmp_path):

@@ -1,5 +1,5 @@
 """The GPU paths of one GPU, end to end through the real entry points (`python launch/train.py`,
-`accelerate launch`, `python -m export`, `python -m distgan.evaluate`), as the CPU suite runs them:
+`accelerate launch`, `python -m export`, `python -m distgan.metrics.evaluate`), as the CPU suite runs them:
 
 - training on cuda, streaming from the files (DALI GPU decode) and from the decoded-image cache
   in GPU memory, centred and with a crop box, RGB and gray (`--channels 1`), and the two data
@@ -55,11 +55,11 @@ from conftest import REPO, free_port, image_array, run_train, small_run, write_i
 from PIL import Image
 from safetensors.torch import load_file
 
-from distgan import metrics
-from distgan.checkpoint import load_generator
-from distgan.data import IMAGE_EXTENSIONS, ImageLoader, find_images
-from distgan.faces import ensure_builtin_faces
-from distgan.ort_cuda import problem_without_torch
+from distgan.data.faces import ensure_builtin_faces
+from distgan.data.loader import IMAGE_EXTENSIONS, ImageLoader, find_images
+from distgan.metrics import fid as metrics
+from distgan.outputs.checkpoint import load_generator
+from distgan.runtime.ort_cuda import problem_without_torch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -183,7 +183,7 @@ def test_one_process_under_accelerate_launch_uses_the_gpu(tmp_path, faces_cache)
 
 
 def test_dali_batches_of_a_one_process_gpu_run_are_on_the_gpu(tmp_path):
-    from distgan.data import ImageLoader, dali_device_id, find_images
+    from distgan.data.loader import ImageLoader, dali_device_id, find_images
 
     assert dali_device_id(torch.device("cuda")) == torch.cuda.current_device()
     assert dali_device_id(torch.device("cuda:0")) == 0
@@ -493,10 +493,10 @@ def ort_cuda():
 def test_the_cuda_provider_loads_without_torch():
     """Issue 20, item 1: `python -m export generate` imports no torch, which otherwise loads
     pip's CUDA, cuBLAS and cuDNN: its own preload must let the provider load and convolve, and
-    `python -m distgan.env` must say so from a process without torch."""
+    `python -m distgan.runtime.env` must say so from a process without torch."""
     ort_cuda_build()
     assert problem_without_torch() is None
-    report = python_module("distgan.env")
+    report = python_module("distgan.runtime.env")
     assert "a CUDA session without torch (python -m export generate) runs on the GPU" in (
         report.stdout
     ), report.stdout
@@ -553,7 +553,7 @@ def test_evaluate_an_exported_model_on_cuda(onnx_models, trained_run):
     run, _ = trained_run
     model = onnx_models["fp32"]
     options = ("--features", "pixels", "--num", 256)
-    result = python_module("distgan.evaluate", "--onnx", model, "--run", run, *options)
+    result = python_module("distgan.metrics.evaluate", "--onnx", model, "--run", run, *options)
     assert result.returncode == 0, result.stderr[-3000:]
     scored = json.loads(result.stdout.strip().splitlines()[-1])
     # Issue 20, item 5: the CUDA provider ran; a silent fallback to the CPU would pass the rest.
@@ -580,7 +580,7 @@ def test_inception_fid_of_a_run_on_cuda(trained_run):
     run, _ = trained_run
     weights = ("--inception-weights", inception_weights_present())
     options = ("--features", "inception", "--num", 256, "--out", run.parent / "inception.jsonl")
-    result = python_module("distgan.evaluate", "--run", run, *weights, *options)
+    result = python_module("distgan.metrics.evaluate", "--run", run, *weights, *options)
     assert result.returncode == 0, result.stderr[-3000:]
     scored = json.loads(result.stdout.strip().splitlines()[-1])
     assert scored["feature_extractor"].startswith("inception-v3")

@@ -1,4 +1,4 @@
-"""Hugging Face Hub model folders (distgan/hub.py) and --init-from (distgan/pretrained.py): a
+"""Hugging Face Hub model folders (distgan/outputs/hub.py) and --init-from (distgan/outputs/pretrained.py): a
 finished run writes RUN/hub/ with a card whose YAML the Hub's own parser reads, the sample grid
 and the EMA generator; `Generator.from_pretrained` gives back that generator bit for bit; folders
 that are not distgan generators fail with one line; `save` replaces only an unchanged folder of
@@ -17,13 +17,13 @@ from conftest import free_port, run_module, run_train, small_run
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from distgan import hub
-from distgan.checkpoint import list_checkpoints, read_trainer_state
-from distgan.config import make_config, resume_config
+from distgan.config.sections import make_config, resume_config
 from distgan.errors import UserError
-from distgan.models import Generator, sample_latents
-from distgan.pretrained import config_from_source, read_starting_weights
-from distgan.report import read_jsonl
+from distgan.models.dcgan import Generator, sample_latents
+from distgan.outputs import hub
+from distgan.outputs.checkpoint import list_checkpoints, read_trainer_state
+from distgan.outputs.pretrained import config_from_source, read_starting_weights
+from distgan.outputs.report import read_jsonl
 
 FOLDER_FILES = {"README.md", "config.json", "model.safetensors", "samples.png"}
 
@@ -51,7 +51,7 @@ def one_line(text: str) -> str:
 
 
 def hub_cli(capsys, *args) -> tuple[int, str, str]:
-    """`python -m distgan.hub ARGS` run in this process: (exit status, stdout, stderr)."""
+    """`python -m distgan.outputs.hub ARGS` run in this process: (exit status, stdout, stderr)."""
     try:
         hub.main([str(arg) for arg in args])
         status = 0
@@ -235,12 +235,14 @@ def test_push_uploads_the_folder_and_onnx_exports_in_one_commit(
 def test_push_without_a_token_or_a_network_fails_with_one_line(run_copy, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    result = run_module("distgan.hub", "push", run_copy, "--repo-id", "me/faces")
+    result = run_module("distgan.outputs.hub", "push", run_copy, "--repo-id", "me/faces")
     assert result.returncode == 2
     assert "no Hugging Face token" in one_line(result.stderr)
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
-    result = run_module("distgan.hub", "push", run_copy, "--repo-id", "me/faces", timeout=120)
+    result = run_module(
+        "distgan.outputs.hub", "push", run_copy, "--repo-id", "me/faces", timeout=120
+    )
     assert result.returncode == 2
     assert "could not upload to me/faces" in one_line(result.stderr)
 
@@ -249,7 +251,7 @@ def test_push_without_a_token_or_a_network_fails_with_one_line(run_copy, tmp_pat
 @pytest.mark.parametrize("source", ["run", "checkpoint", "hub"])
 def test_init_from_loads_the_sources_weights_with_fresh_optimizers(trained_run, source):
     from bench.training import fresh_accelerator
-    from distgan.train import build_gan
+    from distgan.training.trainer import build_gan
 
     final = trained_run / "checkpoints" / "step-00000010"
     path = {"run": trained_run, "checkpoint": final, "hub": trained_run / "hub"}[source]

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 from distgan.errors import UserError
-from distgan.models import ZDistribution
+from distgan.models.dcgan import ZDistribution
 from export.latents import (
     MAX_SEED,
     Z_DISTRIBUTIONS,

@@ -18,14 +18,14 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO, run_train
 
 from distgan.errors import UserError
-from distgan.launch_env import (
+from distgan.runtime.launch_env import (
     EXPORTED,
     LauncherPrecision,
     default_config_file,
     launch_arguments,
     launcher_precision,
 )
-from distgan.train import choose_precision
+from distgan.training.trainer import choose_precision
 
 LAUNCHED = {"ACCELERATE_MIXED_PRECISION": "no"}  # what accelerate launch exports by default
 DEFAULT = LauncherPrecision(None, "accelerate launch's default no")
@@ -56,7 +56,7 @@ def test_accelerate_launch_command_lines_are_recognised(argv):
     "argv",
     [
         ["python", "launch/train.py", "--mixed-precision", "no"],
-        ["python", "-m", "distgan.launcher", "--mixed_precision", "no", "launch/train.py"],
+        ["python", "-m", "distgan.runtime.launcher", "--mixed_precision", "no", "launch/train.py"],
         ["/venv/bin/accelerate", "config"],
         ["bash", "-c", "accelerate launch train.py"],
     ],
@@ -142,7 +142,7 @@ def test_the_nearest_launcher_is_found_among_the_ancestors(tmp_path):
     # child, which starts the trainer: the trainer reads the stand-in's flags two levels up.
     trainer = tmp_path / "trainer.py"
     trainer.write_text(
-        "from distgan.launch_env import launcher_precision\nprint(launcher_precision())\n"
+        "from distgan.runtime.launch_env import launcher_precision\nprint(launcher_precision())\n"
     )
     middle = f"import subprocess, sys; subprocess.run([sys.executable, {str(trainer)!r}])"
     fake = tmp_path / "bin" / "accelerate"

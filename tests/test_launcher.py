@@ -103,7 +103,7 @@ def assert_stops_cleanly(job, out, processes: list[psutil.Process], reason: str)
 
 
 def distgan_launch() -> list[str]:
-    return [sys.executable, "-m", "distgan.launcher"]
+    return [sys.executable, "-m", "distgan.runtime.launcher"]
 
 
 @pytest.mark.parametrize("signum", STOP_SIGNALS, ids=[s.name for s in STOP_SIGNALS])

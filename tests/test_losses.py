@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from distgan.losses import d_loss, g_loss, gradient_penalty
+from distgan.models.losses import d_loss, g_loss, gradient_penalty
 
 
 def softplus(x: float) -> float:

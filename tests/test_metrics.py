@@ -18,10 +18,10 @@ import scipy.linalg
 import torch
 from conftest import REPO, SMALL_GAN, run_module, run_train, write_images
 
-from distgan import metrics
-from distgan.data import find_images
+from distgan.data.loader import find_images
 from distgan.errors import UserError
-from distgan.models import ModelConfig
+from distgan.metrics import fid as metrics
+from distgan.models.dcgan import ModelConfig
 
 
 def stats(mu, sigma):
@@ -124,7 +124,7 @@ LOADING = dict(resolution=32, crop_box=None, batch_size=4, num_threads=1, device
 
 
 def decoded(folder):
-    from distgan.data import ImageLoader
+    from distgan.data.loader import ImageLoader
 
     files = find_images(folder)
     loader = ImageLoader(
@@ -347,7 +347,7 @@ def test_standalone_evaluation_of_a_run_and_its_onnx_export(tmp_path, faces_cach
     data = ["--out-dir", out, "--cache-dir", faces_cache, "--builtin-faces", "240"]
     assert run_train(*data, *SMALL_GAN, "--max-steps", "10").returncode == 0
     common = ["--features", "pixels", "--num", "100", "--cache-dir", str(faces_cache)]
-    run_eval = run_module("distgan.evaluate", "--run", out, *common, timeout=300)
+    run_eval = run_module("distgan.metrics.evaluate", "--run", out, *common, timeout=300)
     assert run_eval.returncode == 0, run_eval.stderr
     scored = json.loads(run_eval.stdout)
     assert scored["n_real"] == 240 and scored["n_fake"] == 100 and scored["fid"] > 0
@@ -356,7 +356,7 @@ def test_standalone_evaluation_of_a_run_and_its_onnx_export(tmp_path, faces_cach
     model = tmp_path / "g.onnx"
     exported = run_module("export", "onnx", "--run", out, "--out", model, "--uint8", timeout=300)
     assert exported.returncode == 0, exported.stderr
-    onnx_eval = run_module("distgan.evaluate", "--onnx", model, *common, timeout=300)
+    onnx_eval = run_module("distgan.metrics.evaluate", "--onnx", model, *common, timeout=300)
     assert onnx_eval.returncode == 0, onnx_eval.stderr
     both = json.loads(onnx_eval.stdout)
     assert both["torch_fid"] == pytest.approx(scored["fid"], rel=1e-9)  # same z, same generator

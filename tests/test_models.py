@@ -5,7 +5,7 @@ distributions, the options (width, spectral norm, dropout), and config validatio
 import pytest
 import torch
 
-from distgan.models import Discriminator, Generator, ModelConfig, sample_latents
+from distgan.models.dcgan import Discriminator, Generator, ModelConfig, sample_latents
 
 
 @pytest.mark.parametrize(

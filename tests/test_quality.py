@@ -27,9 +27,9 @@ from bench.quality_features import (
     train_features,
 )
 from bench.quality_metrics import coverage
-from distgan.data import find_images
+from distgan.data.faces import PARAMETER_GROUPS, PARAMETER_NAMES, builtin_faces_dir
+from distgan.data.loader import find_images
 from distgan.errors import UserError
-from distgan.faces import PARAMETER_GROUPS, PARAMETER_NAMES, builtin_faces_dir
 
 
 def test_coverage_is_one_for_the_reference_itself_and_zero_far_away():

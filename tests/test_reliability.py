@@ -1,4 +1,4 @@
-"""Reliability: bad data is found by a scan before training (and `python -m distgan.data scan`
+"""Reliability: bad data is found by a scan before training (and `python -m distgan.data.loader scan`
 lists it), then stops the run with the list or is skipped; SIGKILL at random moments, during
 checkpoint writes too, loses nothing (the resumed weights equal an uninterrupted run's, bitwise);
 an unwritable out dir and a full disk give clear errors and keep the previous checkpoint;
@@ -22,8 +22,8 @@ from conftest import REPO, run_module, run_train, small_run, write_images
 from PIL import Image
 from safetensors.torch import load_file
 
-from distgan.checkpoint import list_checkpoints
-from distgan.data import ImageLoader, find_images, scan_images
+from distgan.data.loader import ImageLoader, find_images, scan_images
+from distgan.outputs.checkpoint import list_checkpoints
 
 small_run = functools.partial(small_run, sample_every=1000)
 
@@ -55,14 +55,14 @@ def bad_folder(root: Path) -> tuple[Path, dict[str, str]]:
 
 def test_scan_lists_exactly_the_bad_files(tmp_path):
     folder, expected = bad_folder(tmp_path)
-    result = run_module("distgan.data", "scan", folder, "--crop-box", "0", "0", "32", "32")
+    result = run_module("distgan.data.loader", "scan", folder, "--crop-box", "0", "0", "32", "32")
     assert result.returncode == 1
     listed = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
     assert {Path(p).name for p in listed} == set(expected)
     for path, reason in listed.items():
         assert expected[Path(path).name] in reason
     assert "20 images, 4 bad" in result.stderr
-    clean = run_module("distgan.data", "scan", folder / "part0")
+    clean = run_module("distgan.data.loader", "scan", folder / "part0")
     assert clean.returncode == 0 and "10 images, 0 bad" in clean.stderr
 
 
@@ -101,7 +101,7 @@ def test_unreadable_files_are_listed(tmp_path):
     # Root reads every file; without CAP_DAC_OVERRIDE/READ_SEARCH it meets permissions like a user.
     drop = "-dac_override,-dac_read_search"
     setpriv = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
-    command = [*setpriv, sys.executable, "-m", "distgan.data", "scan", str(folder)]
+    command = [*setpriv, sys.executable, "-m", "distgan.data.loader", "scan", str(folder)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1, result.stderr
     assert result.stdout.strip() == f"{locked}: unreadable: permission denied"
@@ -344,8 +344,8 @@ def test_planted_pickles_and_tampered_weights_are_refused(tmp_path, faces_cache)
         result.returncode == 2 and "could not be loaded" in result.stderr.strip().splitlines()[-1]
     )
 
-    from distgan.checkpoint import load_generator
     from distgan.errors import UserError
+    from distgan.outputs.checkpoint import load_generator
 
     torch.save({"w": Payload(marker)}, out / "generator.safetensors")  # a pickle named as weights
     with pytest.raises(UserError, match="does not hold the weights"):
@@ -354,8 +354,8 @@ def test_planted_pickles_and_tampered_weights_are_refused(tmp_path, faces_cache)
 
 
 def test_wrong_latent_size_for_an_onnx_model_is_a_clear_error(tmp_path):
-    from distgan.checkpoint import save_generator
-    from distgan.models import Generator, ModelConfig
+    from distgan.models.dcgan import Generator, ModelConfig
+    from distgan.outputs.checkpoint import save_generator
     from export.onnx_export import export_onnx
 
     save_generator(

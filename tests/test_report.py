@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distgan.report import save_grid
+from distgan.outputs.report import save_grid
 
 
 @pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])

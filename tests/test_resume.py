@@ -1,4 +1,4 @@
-"""Which checkpoint a run resumes from (distgan/resume.py, distgan/checksums.py): checksums are
+"""Which checkpoint a run resumes from (distgan/training/resume.py, distgan/outputs/checksums.py): checksums are
 written with every checkpoint; --resume auto skips a damaged newest checkpoint (a truncated or
 altered file, a trainer_state.json lacking a field) for the newest intact one, keeps the damaged
 one aside and says which and why; --resume PATH to a damaged checkpoint fails with one line;
@@ -9,12 +9,17 @@ import json
 import pytest
 from conftest import run_train, small_run
 
-from distgan import resume
-from distgan.checkpoint import STATE_FILE, TrainerState, list_checkpoints, read_trainer_state
-from distgan.checksums import CHECKSUMS_FILE, Damaged, verify_checksums, write_checksums
 from distgan.errors import UserError
-from distgan.models import ModelConfig
-from distgan.resume import find_resume_point, main_decides
+from distgan.models.dcgan import ModelConfig
+from distgan.outputs.checkpoint import (
+    STATE_FILE,
+    TrainerState,
+    list_checkpoints,
+    read_trainer_state,
+)
+from distgan.outputs.checksums import CHECKSUMS_FILE, Damaged, verify_checksums, write_checksums
+from distgan.training import resume
+from distgan.training.resume import find_resume_point, main_decides
 
 
 def fake_checkpoint(root, step: int):

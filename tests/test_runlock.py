@@ -1,4 +1,4 @@
-"""One trainer per run folder (distgan/runlock.py), with real second processes holding the lock:
+"""One trainer per run folder (distgan/outputs/runlock.py), with real second processes holding the lock:
 a second trainer is refused with the holder's host, pid and start time; the lock goes when its
 holder exits or is killed (SIGKILL); without flock, a live holder's heartbeat keeps it, and a
 holder whose heartbeat stopped (a dead node) is taken over after the timeout, and stops if it
@@ -16,17 +16,24 @@ import time
 import pytest
 from conftest import REPO, run_train, small_run
 
-from distgan import train as train_module
-from distgan.checkpoint import list_checkpoints, read_trainer_state
-from distgan.config import parse_args
+from distgan.config.sections import parse_args
 from distgan.errors import UserError
-from distgan.runlock import BEAT_THREAD, LOCK_FILE, LOST_EXIT_STATUS, Holder, RunLock, read_holder
+from distgan.outputs.checkpoint import list_checkpoints, read_trainer_state
+from distgan.outputs.runlock import (
+    BEAT_THREAD,
+    LOCK_FILE,
+    LOST_EXIT_STATUS,
+    Holder,
+    RunLock,
+    read_holder,
+)
+from distgan.training import trainer as train_module
 
 # A holder in its own process; it exits (releasing the lock) when its stdin closes, and checks
 # its lock as before a checkpoint on each line "check".
 HOLD = """
 import socket, sys, time
-from distgan.runlock import RunLock
+from distgan.outputs.runlock import RunLock
 folder, timeout, flock, host = sys.argv[1:]
 if host:
     socket.gethostname = lambda: host  # as if on another node

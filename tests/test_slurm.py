@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, small_run
 
-from distgan.train import native_precision
+from distgan.training.trainer import native_precision
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "munged", "mungekey")

@@ -17,9 +17,9 @@ import pytest
 from conftest import REPO, free_port, image_array, run_train, small_run
 from PIL import Image
 
-from distgan import tracking
-from distgan.config import make_config
+from distgan.config.sections import make_config
 from distgan.errors import UserError
+from distgan.outputs import tracking
 
 EVAL = ["--eval-every", "10", "--eval-features", "pixels", "--eval-num", "32"]
 
@@ -160,7 +160,7 @@ def test_wandb_offline_keeps_its_run_in_the_run_folder(tmp_path, faces_cache):
 # Accelerate's check that it is installed, fail as if it were not there.
 WITHOUT_TENSORBOARD = (
     "import sys; sys.modules['tensorboard'] = sys.modules['tensorboardX'] = None; "
-    "from distgan.train import main; main(sys.argv[1:])"
+    "from distgan.training.trainer import main; main(sys.argv[1:])"
 )
 
 

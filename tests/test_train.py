@@ -20,11 +20,11 @@ from conftest import SMALL_GAN, image_array, run_module, run_train, small_run
 from PIL import Image
 from safetensors.torch import load_file
 
-from distgan import train as train_module
-from distgan.checkpoint import list_checkpoints, load_generator
 from distgan.errors import UserError
-from distgan.launch_env import LauncherPrecision
-from distgan.train import (
+from distgan.outputs.checkpoint import list_checkpoints, load_generator
+from distgan.runtime.launch_env import LauncherPrecision
+from distgan.training import trainer as train_module
+from distgan.training.trainer import (
     Precision,
     choose_precision,
     configure_kernels,
@@ -103,7 +103,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, faces_cache):
 def test_bf16_autocast_runs_on_cpu(tmp_path, faces_cache):
     from accelerate import Accelerator
 
-    from distgan.models import Discriminator, ModelConfig
+    from distgan.models.dcgan import Discriminator, ModelConfig
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     discriminator = Discriminator(ModelConfig(resolution=32, d_channels=8))
@@ -231,9 +231,9 @@ def test_deterministic_kernels_switch(monkeypatch):
 def tiny_gan():
     """A CPU fp32 GAN as the trainer builds it, and one batch of real images."""
     from bench.training import fresh_accelerator
-    from distgan.config import TrainConfig
-    from distgan.models import ModelConfig
-    from distgan.train import build_gan
+    from distgan.config.sections import TrainConfig
+    from distgan.models.dcgan import ModelConfig
+    from distgan.training.trainer import build_gan
 
     accelerator = fresh_accelerator("no", torch.device("cpu"))
     tc = TrainConfig(batch_size=4, channels_last=False)
@@ -258,7 +258,7 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state():
-    from distgan.train import gan_step
+    from distgan.training.trainer import gan_step
 
     accelerator, tc, gan, real = tiny_gan()
     gan_step(accelerator, tc, gan, real, step=0)  # Adam's moments exist from here on
@@ -273,7 +273,7 @@ def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state():
 
 
 def test_d_collects_gradients_only_in_its_own_step_and_the_ema_moves():
-    from distgan.train import gan_step
+    from distgan.training.trainer import gan_step
 
     accelerator, tc, gan, real = tiny_gan()
     accumulated = []
@@ -355,7 +355,13 @@ def test_course_settings_train_export_generate_and_evaluate(tmp_path, faces_cach
 
     common = ["--features", "pixels", "--num", "16", "--batch-size", "8"]
     scored = run_module(
-        "distgan.evaluate", "--onnx", model, *common, "--cache-dir", faces_cache, timeout=300
+        "distgan.metrics.evaluate",
+        "--onnx",
+        model,
+        *common,
+        "--cache-dir",
+        faces_cache,
+        timeout=300,
     )
     assert scored.returncode == 0, scored.stderr[-3000:]
     numbers = json.loads(scored.stdout)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import REPO, linear_onnx_generator
 
-from distgan.checkpoint import save_generator
-from distgan.models import Generator, ModelConfig
+from distgan.models.dcgan import Generator, ModelConfig
+from distgan.outputs.checkpoint import save_generator
 from export.generate import to_pixels
 from export.latents import latents
 from export.onnx_export import export_onnx

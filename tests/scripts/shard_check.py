@@ -10,8 +10,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
 from conftest import colour_index  # noqa: E402
-
-from distgan.data import ImageLoader, find_images  # noqa: E402
+from distgan.data.loader.loader import ImageLoader, find_images  # noqa: E402
 
 
 def main(folder: str) -> None:

@@ -37,11 +37,11 @@ from torch_fidelity.metric_kid import (
     kid_features_to_metric,
 )
 
-from distgan.config import EVAL_FEATURES
-from distgan.data import ImageLoader
+from distgan.config.sections import EVAL_FEATURES
+from distgan.data.loader import ImageLoader
 from distgan.errors import UserError, first_line
-from distgan.files import write_atomically
-from distgan.models import sample_latents
+from distgan.models.dcgan import sample_latents
+from distgan.runtime.files import write_atomically
 
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
 INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]  # torch hub convention

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from distgan.env import available_cpus
+from distgan.runtime.env import available_cpus
 
 VERSION = 1
 SUPERSAMPLE = 2

@@ -22,13 +22,14 @@ from typing import Literal
 
 import tomli_w
 
-from distgan.augment import DIFF_OPS, AugmentMode
 from distgan.errors import UserError
-from distgan.files import write_text_atomically
-from distgan.losses import Loss
+from distgan.models.augment import DIFF_OPS, AugmentMode
+from distgan.models.losses import Loss
+from distgan.runtime.files import write_text_atomically
+
+from distgan.models.dcgan import ModelConfig
 
 LrSchedule = Literal["constant", "linear", "cosine"]
-from distgan.models import ModelConfig
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 EvalFeatures = Literal["inception", "pixels"]

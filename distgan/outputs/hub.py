@@ -1,6 +1,6 @@
 """Hugging Face Hub model folders: a run's final (EMA) generator as `RUN/hub/` (config.json,
 model.safetensors, a model card README.md showing the final sample grid), loading one back
-(`Generator.from_pretrained`), and `python -m distgan.hub {save,push}`.
+(`Generator.from_pretrained`), and `python -m distgan.outputs.hub {save,push}`.
 
 The folder is written by the main process into a staging folder that is renamed into place when
 complete. An existing folder is replaced only when distgan wrote it and nothing in it changed
@@ -30,7 +30,10 @@ from huggingface_hub.errors import HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
 
 from distgan import __version__
-from distgan.checkpoint import (
+from distgan.config.sections import Config, saved_run_config
+from distgan.errors import UserError, first_line
+from distgan.models.dcgan import Generator
+from distgan.outputs.checkpoint import (
     GENERATOR_META,
     GENERATOR_WEIGHTS,
     TrainerState,
@@ -40,12 +43,9 @@ from distgan.checkpoint import (
     read_trainer_state,
     save_generator,
 )
-from distgan.checksums import sha256_of
-from distgan.config import Config, saved_run_config
-from distgan.errors import UserError, first_line
-from distgan.files import write_atomically, write_json_atomically, write_text_atomically
-from distgan.models import Generator
-from distgan.report import read_jsonl
+from distgan.outputs.checksums import sha256_of
+from distgan.outputs.report import read_jsonl
+from distgan.runtime.files import write_atomically, write_json_atomically, write_text_atomically
 
 HUB_DIR = "hub"  # in a run folder
 CONFIG_FILE = "config.json"  # generator.json's contents, under the Hub's name
@@ -156,7 +156,7 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
         "## Use",
         "",
         "```python",
-        "from distgan.models import Generator, sample_latents",
+        "from distgan.models.dcgan import Generator, sample_latents",
         "",
         f'generator = Generator.from_pretrained("{REPO_PLACEHOLDER}")  # or a local folder',
         "images = generator(sample_latents(generator.config, 16))  # [16, C, H, W] in [-1, 1]",
@@ -196,7 +196,7 @@ def save_model_folder(
     if out.exists() and not replaceable(out):
         raise UserError(
             f"{out} holds files distgan did not write, or changed since: move it away, or write "
-            f"the folder elsewhere with `python -m distgan.hub save {run_dir} --out DIR`"
+            f"the folder elsewhere with `python -m distgan.outputs.hub save {run_dir} --out DIR`"
         )
     staging, doomed = out.with_name(f".staging-{out.name}"), out.with_name(f".deleting-{out.name}")
     for leftover in (staging, doomed):  # of a crash
@@ -238,7 +238,7 @@ def save_at_end(run_dir: Path, generator: Generator, cfg: Config, state: Trainer
 
 
 def save_from_run(run_dir: str | Path, out=None) -> Path:
-    """`python -m distgan.hub save RUN`: the folder of the EMA G in the run's newest checkpoint
+    """`distgan hub save RUN`: the folder of the EMA G in the run's newest checkpoint
     (the final one, for a finished run) and the run's config.toml."""
     run_dir = Path(run_dir)
     kept = list_checkpoints(run_dir / "checkpoints")
@@ -294,7 +294,7 @@ def load_pretrained(source: str | Path, *, revision: str | None = None) -> Gener
     if missing:
         raise UserError(
             f"{source} is not a distgan model folder (no {' or '.join(missing)}): pass a folder "
-            f"distgan wrote (RUN/{HUB_DIR}, `python -m distgan.hub save RUN`) or its Hub repo id"
+            f"distgan wrote (RUN/{HUB_DIR}, `distgan hub save RUN`) or its Hub repo id"
         )
     generator, _ = load_generator(folder / WEIGHTS_FILE, meta_name=CONFIG_FILE)
     return generator
@@ -309,7 +309,7 @@ def upload_set(path: str | Path, onnx=()) -> dict[str, Path]:
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(
             f"{path} has no model folder ({HUB_DIR}/{CONFIG_FILE}): write it with "
-            f"`python -m distgan.hub save {path}`"
+            f"`python -m distgan.outputs.hub save {path}`"
         )
     load_pretrained(folder)  # a broken folder is never uploaded
     files = {}
@@ -363,7 +363,7 @@ def push(path, repo_id: str, *, private: bool = False, onnx=(), log=print) -> st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distgan.hub", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m distgan.outputs.hub", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     save = commands.add_parser("save", help="(re)write a run's model folder from its checkpoint")
     save.add_argument("run", type=Path, help="a training output folder")

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-from distgan.files import write_atomically  # noqa: E402
+from distgan.runtime.files import write_atomically  # noqa: E402
 
 
 def save_grid(images: torch.Tensor, path: str | Path) -> np.ndarray:

@@ -17,7 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from distgan.checkpoint import (
+from distgan.config.sections import Config
+from distgan.errors import UserError, first_line
+from distgan.models.dcgan import ModelConfig
+from distgan.outputs.checkpoint import (
     CHECKPOINT_D,
     CHECKPOINT_G,
     EMA_FILE,
@@ -27,10 +30,7 @@ from distgan.checkpoint import (
     load_generator,
     read_trainer_state,
 )
-from distgan.config import Config
-from distgan.errors import UserError, first_line
-from distgan.hub import load_pretrained
-from distgan.models import ModelConfig
+from distgan.outputs.hub import load_pretrained
 
 # The model fields that shape only D: free to set when the source has no D (D starts fresh).
 D_ONLY_FIELDS = frozenset({"d_channels", "d_spectral_norm", "d_dropout", "leaky_slope", "init"})

@@ -3,7 +3,7 @@
 A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding what `accelerator.save_state` writes
 (G, D, both optimizers, the fp16 scaler, every process's RNG), the EMA generator as safetensors,
 and `trainer_state.json` (step, images seen, the model config), then `checksums.json` (the size
-and SHA-256 of every file, verified before a resume: distgan/checksums.py). It is written under a
+and SHA-256 of every file, verified before a resume: outputs/checksums.py). It is written under a
 staging name and renamed into place when complete, so a folder with the final name is always
 whole; a crash mid-write leaves only a staging folder, which is never resumed from.
 
@@ -28,11 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distgan import __version__
-from distgan.checksums import Damaged, write_checksums
-from distgan.ema import EMA
 from distgan.errors import UserError, first_line
-from distgan.files import write_atomically, write_json_atomically
-from distgan.models import Generator, ModelConfig
+from distgan.models.dcgan import Generator, ModelConfig
+from distgan.models.ema import EMA
+from distgan.outputs.checksums import Damaged, write_checksums
+from distgan.runtime.files import write_atomically, write_json_atomically
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"

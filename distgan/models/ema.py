@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from distgan.models import sample_latents
+from distgan.models.dcgan import sample_latents
 
 
 class EMA:

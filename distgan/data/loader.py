@@ -33,10 +33,15 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image, UnidentifiedImageError
 
-from distgan.env import available_cpus, available_memory, local_processes
+from distgan.data.faces import (
+    builtin_faces_dir,
+    default_cache_dir,
+    ensure_builtin_faces,
+    render_size,
+)
 from distgan.errors import UserError, first_line
-from distgan.faces import builtin_faces_dir, default_cache_dir, ensure_builtin_faces, render_size
-from distgan.files import write_json_atomically, write_text_atomically
+from distgan.runtime.env import available_cpus, available_memory, local_processes
+from distgan.runtime.files import write_json_atomically, write_text_atomically
 
 
 class ImageFormat(NamedTuple):
@@ -618,8 +623,8 @@ class ImageLoader:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m distgan.data scan DIR`: list the files training cannot use, and why."""
-    parser = argparse.ArgumentParser(prog="python -m distgan.data")
+    """`python -m distgan.data.loader scan DIR`: list the files training cannot use, and why."""
+    parser = argparse.ArgumentParser(prog="python -m distgan.data.loader")
     commands = parser.add_subparsers(dest="command", required=True)
     scan = commands.add_parser("scan", help="list the bad image files in a folder")
     scan.add_argument("data_dir")

@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from distgan.files import write_json_atomically
+from distgan.runtime.files import write_json_atomically
 
 CHECKSUMS_FILE = "checksums.json"
 ALGORITHM = "sha256"

@@ -177,8 +177,8 @@ class Generator(nn.Module):
     @classmethod
     def from_pretrained(cls, folder_or_repo_id, *, revision: str | None = None) -> Generator:
         """G in eval mode from a distgan model folder (a run's hub/) or a Hugging Face Hub repo
-        id holding one (downloaded and cached); see distgan/hub.py."""
-        from distgan.hub import load_pretrained  # here: this module stays plain torch
+        id holding one (downloaded and cached); see distgan/outputs/hub.py."""
+        from distgan.outputs.hub import load_pretrained  # here: this module stays plain torch
 
         return load_pretrained(folder_or_repo_id, revision=revision)
 

@@ -31,9 +31,22 @@ from accelerate import (
 from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from distgan import metrics
-from distgan.augment import Augment
-from distgan.checkpoint import (
+from distgan.config.sections import (
+    Config,
+    TrainConfig,
+    parse_args,
+    resume_config,
+    saved_run_config,
+)
+from distgan.data.faces import default_cache_dir
+from distgan.data.loader import ImageLoader, prepare_images, resolve_channels
+from distgan.errors import RunStopped, UserError, require_writable_dir
+from distgan.metrics import fid as metrics
+from distgan.models.augment import Augment
+from distgan.models.dcgan import Discriminator, Generator, ModelConfig, sample_latents
+from distgan.models.ema import EMA
+from distgan.models.losses import d_loss, g_loss, gradient_penalty
+from distgan.outputs.checkpoint import (
     TrainerState,
     clean_unfinished,
     list_checkpoints,
@@ -42,29 +55,16 @@ from distgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
-from distgan.config import (
-    Config,
-    TrainConfig,
-    parse_args,
-    resume_config,
-    saved_run_config,
-)
-from distgan.data import ImageLoader, prepare_images, resolve_channels
-from distgan.ema import EMA
-from distgan.env import require_one_dali_build, require_usable_cuda
-from distgan.errors import RunStopped, UserError, require_writable_dir
-from distgan.faces import default_cache_dir
-from distgan.files import write_json_atomically
-from distgan.hub import save_at_end
-from distgan.launch_env import LauncherPrecision, launcher_precision
-from distgan.losses import d_loss, g_loss, gradient_penalty
-from distgan.models import Discriminator, Generator, ModelConfig, sample_latents
-from distgan.pretrained import StartingWeights, config_from_source, read_starting_weights
-from distgan.report import append_jsonl, plot_losses, save_grid
-from distgan.resume import find_resume_point, main_decides
-from distgan.runlock import RunLock
-from distgan.signals import STOP_SIGNALS, die_with_parent, ignored
-from distgan.tracking import Tracking, make_trackers
+from distgan.outputs.hub import save_at_end
+from distgan.outputs.pretrained import StartingWeights, config_from_source, read_starting_weights
+from distgan.outputs.report import append_jsonl, plot_losses, save_grid
+from distgan.outputs.runlock import RunLock
+from distgan.outputs.tracking import Tracking, make_trackers
+from distgan.runtime.env import require_one_dali_build, require_usable_cuda
+from distgan.runtime.files import write_json_atomically
+from distgan.runtime.launch_env import LauncherPrecision, launcher_precision
+from distgan.runtime.signals import STOP_SIGNALS, die_with_parent, ignored
+from distgan.training.resume import find_resume_point, main_decides
 
 # Its own signal: the kernel may send it while the dying launcher is still our parent, so the
 # signal itself, not getppid(), must say what happened.
@@ -111,7 +111,7 @@ class Precision(NamedTuple):
 
 def choose_precision(requested: str, launcher: LauncherPrecision | None = None) -> Precision:
     """The precision to run: --mixed-precision if it names one; for `auto`, the launcher's choice
-    if it made one (its `--mixed_precision`, or its config file: see distgan/launch_env.py), else
+    if it made one (its `--mixed_precision`, or its config file: see runtime/launch_env.py), else
     what the hardware computes fastest (bf16, or fp16 on tensor-core GPUs without bf16), else
     fp32. `launcher` defaults to what this process's launcher was given."""
     has_cuda = torch.cuda.is_available()

@@ -2,7 +2,7 @@
 and containers set them), whether NVIDIA GPUs are visible, and whether the installed torch, DALI
 and onnxruntime builds can use them.
 
-`python -m distgan.env` prints all of it, and exits 1 when something would make training run
+`python -m distgan.runtime.env` prints all of it, and exits 1 when something would make training run
 somewhere other than where the user expects (GPUs visible but torch without CUDA, two DALI builds).
 """
 
@@ -17,8 +17,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from distgan import ort_cuda
 from distgan.errors import UserError
+from distgan.runtime import ort_cuda
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")

@@ -4,8 +4,8 @@ The provider's library needs the CUDA runtime, cuBLAS and cuDNN. A pip install p
 site-packages/nvidia/*/lib, where the dynamic loader does not look; `import torch` loads them as
 a side effect, so a process with torch finds them and one without does not.
 `preload_cuda_libraries` loads them as onnxruntime documents (`onnxruntime.preload_dlls`), and
-`python -m distgan.ort_cuda` tries the provider in a process without torch (what
-`python -m distgan.env` reports). Imports no torch, and onnxruntime only when asked.
+`python -m distgan.runtime.ort_cuda` tries the provider in a process without torch (what
+`python -m distgan.runtime.env` reports). Imports no torch, and onnxruntime only when asked.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def problem_without_torch(timeout: float = 180) -> str | None:
     here = str(Path(__file__).resolve().parents[1])  # so that a checkout works uninstalled
     path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
-    command = [sys.executable, "-m", "distgan.ort_cuda"]
+    command = [sys.executable, "-m", "distgan.runtime.ort_cuda"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""`distgan-launch ARGS` (or `python -m distgan.launcher ARGS`): `accelerate launch ARGS`, made safe
+"""`distgan-launch ARGS` (or `distgan launch ARGS`): `accelerate launch ARGS`, made safe
 to stop. Use it where you would use `accelerate launch`, with the same arguments.
 
 `accelerate launch` itself dies on SIGUSR1 and leaves its trainers running, answers Ctrl-C,
@@ -8,7 +8,7 @@ ignored, and passes each stop signal it gets (SIGUSR1, SIGTERM, SIGINT, SIGHUP) 
 themselves. They finish their step, agree on it, write one checkpoint and exit 0, and so does
 the launcher; the same command resumes. A second Ctrl-C kills everything at once. If this
 launcher is killed, even by SIGKILL, `accelerate launch` dies with it and each trainer notices
-(distgan/train.py): they checkpoint and exit the same way. A signal sent to every process of the
+(training/trainer.py): they checkpoint and exit the same way. A signal sent to every process of the
 job (as SLURM does) reaches only the trainers and this launcher: `accelerate launch` ignores it.
 """
 
@@ -23,7 +23,7 @@ import time
 
 import psutil
 
-from distgan.signals import STOP_SIGNALS, adopt_orphans, catches, die_with_parent, ignored
+from distgan.runtime.signals import STOP_SIGNALS, adopt_orphans, catches, die_with_parent, ignored
 
 POLL_SECONDS = 0.2
 READY_SIGNAL = signal.SIGTERM  # a trainer that catches it has all its stop handlers (train.py)

@@ -1,4 +1,4 @@
-"""`python -m distgan.evaluate`: FID and KID of a trained generator (`--run`) or an exported ONNX
+"""`distgan evaluate`: FID and KID of a trained generator (`--run`) or an exported ONNX
 model (`--onnx`) against a folder of images, with the same pipeline and cache as training.
 
 With `--onnx`, the PyTorch generator it was exported from (`--run`, or the path recorded in the
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distgan import metrics
-from distgan.checkpoint import GENERATOR_WEIGHTS, load_generator
-from distgan.data import dali_device_id, find_images
+from distgan.data.faces import default_cache_dir, ensure_builtin_faces, render_size
+from distgan.data.loader import dali_device_id, find_images
 from distgan.errors import UserError, first_line
-from distgan.faces import default_cache_dir, ensure_builtin_faces, render_size
-from distgan.models import ModelConfig
+from distgan.metrics import fid as metrics
+from distgan.models.dcgan import ModelConfig
+from distgan.outputs.checkpoint import GENERATOR_WEIGHTS, load_generator
 
 SCORE_KEYS = ("fid", "kid_mean", "kid_std", "seconds")
 
@@ -79,7 +79,7 @@ def run_config(run: Path | None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distgan.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m distgan.metrics.evaluate", description=__doc__)
     parser.add_argument(
         "--run", type=Path, help="a training output folder (its generator.safetensors)"
     )

@@ -1,8 +1,8 @@
 """Where a run starts: the checkpoint it resumes from, decided by the main process alone (with the
-run's lock held: distgan/runlock.py) and followed by every process (`main_decides`).
+run's lock held: distgan/outputs/runlock.py) and followed by every process (`main_decides`).
 
 --resume auto resumes from the newest intact checkpoint. One whose trainer_state.json cannot be
-read, or whose files differ from their checksums (distgan/checksums.py), is damaged: it is moved
+read, or whose files differ from their checksums (outputs/checksums.py), is damaged: it is moved
 aside as checkpoints/damaged-step-N (kept, never resumed from, never pruned), and a note says
 which checkpoint the run resumes from instead, and why: a requeued job has nobody to pass
 --resume. --resume PATH resumes from that checkpoint, and fails with one line if it is damaged.
@@ -16,14 +16,14 @@ from typing import TypeVar
 
 from accelerate.utils import broadcast_object_list
 
-from distgan.checkpoint import (
+from distgan.errors import UserError
+from distgan.outputs.checkpoint import (
     DAMAGED_FIX,
     list_checkpoints,
     parse_trainer_state,
     read_trainer_state,
 )
-from distgan.checksums import Damaged, verify_checksums
-from distgan.errors import UserError
+from distgan.outputs.checksums import Damaged, verify_checksums
 
 T = TypeVar("T")
 DAMAGED_PREFIX = "damaged-"
