@@ -24,10 +24,9 @@ import tomli_w
 
 from distgan.errors import UserError
 from distgan.models.augment import DIFF_OPS, AugmentMode
+from distgan.models.dcgan import ModelConfig
 from distgan.models.losses import Loss
 from distgan.runtime.files import write_text_atomically
-
-from distgan.models.dcgan import ModelConfig
 
 LrSchedule = Literal["constant", "linear", "cosine"]
 
