@@ -52,7 +52,7 @@ class ImageFormat(NamedTuple):
     extensions: tuple[str, ...]
 
 
-# Every format DALI's image decoder reads, each checked to decode on the CPU (tests/test_data.py).
+# Every format DALI's image decoder reads, each checked to decode on the CPU (tests/data/).
 # Files are found by extension; DALI decodes by content, and the scan checks that.
 IMAGE_FORMATS = (
     ImageFormat("JPEG", "JPEG", (".jpg", ".jpeg")),

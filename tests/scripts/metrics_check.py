@@ -1,5 +1,5 @@
 """Run under `accelerate launch` (any number of processes): real and fake statistics of a folder
-and a fixed generator with the 8x8 pixel extractor, through distgan.metrics.fid.fid; the main process
+and a fixed generator with the 8x8 pixel extractor, through distgan.metrics.fid; the main process
 prints the scores as JSON, for comparison across process counts."""
 
 import json
@@ -7,10 +7,10 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from distgan.data.loader.loader import find_images
-from distgan.models.dcgan.dcgan import Generator, ModelConfig
 
+from distgan.data.loader import find_images
 from distgan.metrics import fid as metrics
+from distgan.models.dcgan import Generator, ModelConfig
 
 
 def main(folder: str) -> None:

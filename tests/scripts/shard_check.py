@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest helpers
-from conftest import colour_index  # noqa: E402
-from distgan.data.loader.loader import ImageLoader, find_images  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for tests.helpers
+from distgan.data.loader import ImageLoader, find_images  # noqa: E402
+from tests.helpers import colour_index  # noqa: E402
 
 
 def main(folder: str) -> None:

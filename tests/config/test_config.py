@@ -1,0 +1,219 @@
+"""Config: defaults, TOML file, flags over the file, the documented --help, and one-line errors
+for bad values (non-finite numbers too), unknown keys (with a suggestion) and wrong types; and
+what a resumed run goes on with when flags change (applied, kept, or refused); the course's
+settings (--channels in [data], resolved into the model; --z-distribution, --init) as flags and
+file keys, fixed on resume."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from distgan.config.sections import (
+    SECTIONS,
+    Config,
+    build_parser,
+    field_docs,
+    load_toml,
+    parse_args,
+    resume_config,
+    saved_run_config,
+)
+from distgan.errors import UserError
+
+
+def test_defaults():
+    config = parse_args([])
+    assert config.model.resolution == 64 and config.model.z_dim == 100
+    assert config.train.lr_g == config.train.lr_d == 2e-4
+    assert (config.train.beta1, config.train.beta2) == (0.5, 0.999)
+    assert config.train.loss == "bce" and config.train.real_label == 0.9
+    assert config.train.resume == "auto" and config.data.data_dir is None
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[model]\nresolution = 32\n[train]\nbatch_size = 16\nlr_g = 1\nloss = "hinge"\n'
+    )
+    config = parse_args(["--config", str(path), "--batch-size", "8", "--no-flip"])
+    assert config.model.resolution == 32  # from the file
+    assert config.train.batch_size == 8  # the flag wins
+    assert config.train.lr_g == 1.0 and isinstance(config.train.lr_g, float)
+    assert config.train.loss == "hinge" and config.data.flip is False
+
+
+def test_flips_default_to_colour_images_only():
+    data = parse_args([]).data
+    assert data.flip is None and data.flips_for(3) and not data.flips_for(1)
+    assert parse_args(["--flip"]).data.flips_for(1)
+    assert not parse_args(["--no-flip"]).data.flips_for(3)
+
+
+def test_saved_toml_round_trips(tmp_path):
+    config = parse_args(["--crop-box", "25", "50", "128", "128", "--max-steps", "7"])
+    config.save_toml(tmp_path / "config.toml")
+    again = parse_args(["--config", str(tmp_path / "config.toml")])
+    assert again == config
+
+
+def test_every_field_has_a_documented_flag():
+    help_text = build_parser().format_help()
+    for cls in SECTIONS.values():
+        docs = field_docs(cls)
+        for name in cls.__dataclass_fields__:
+            assert docs.get(name), f"{cls.__name__}.{name} has no docstring"
+            assert "--" + name.replace("_", "-") in help_text
+    # A list's default shows as its values (the help re-joined across argparse's line wraps).
+    assert "(default: colour translation cutout)" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resolution", "36"], "resolution=36 is not allowed"),
+        (["--channels", "2"], "channels='2' is not allowed: use one of auto, 1, 3"),
+        (["--z-distribution", "gauss"], "z_distribution='gauss' is not allowed"),
+        (["--lr-d", "0"], "lr_d=0.0 is not allowed"),
+        (["--diffaugment-ops", "flip"], "diffaugment_ops=['flip'] is not allowed: use one or"),
+        (["--diffaugment-ops", "cutout", "cutout"], "cutout'] is not allowed: use one or more"),
+        (["--batch-size", "-4"], "batch_size=-4 is not allowed"),
+        (["--max-steps", "0"], "max_steps=0 is not allowed"),
+        (["--loss", "wgan"], "loss='wgan' is not allowed: use one of bce, hinge, wgan-gp"),
+        (["--mixed-precision", "fp8"], "mixed_precision='fp8'"),
+        (["--crop-box", "1", "2", "3"], "crop_box=[1, 2, 3]"),
+        (["--ema-decay", "1.5"], "ema_decay=1.5"),
+        (["--decoded-cache", "on"], "decoded_cache='on' is not allowed: use auto or off"),
+        (["--compile", "--loss", "wgan-gp"], "does not work with loss='wgan-gp'"),
+        (["--sync-bn", "--loss", "wgan-gp"], "sync_bn=True does not work with loss='wgan-gp'"),
+        (["--lr-g", "nan"], "lr_g=nan is not allowed: use a finite number > 0"),
+        (["--gp-weight", "inf"], "gp_weight=inf is not allowed: use a finite number > 0"),
+    ],
+)
+def test_bad_values_fail_with_the_key_and_the_fix(argv, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_args(argv)
+
+
+def test_unknown_toml_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nbatch_sise = 3\n")
+    with pytest.raises(
+        UserError, match="unknown key 'batch_sise' in \\[train\\]; did you mean 'batch_size'"
+    ):
+        load_toml(path)
+    path.write_text("[optim]\nlr = 3\n")
+    with pytest.raises(UserError, match="unknown section \\[optim\\]"):
+        load_toml(path)
+
+
+def test_wrong_type_and_bad_files(tmp_path):
+    path = tmp_path / "typed.toml"
+    path.write_text('[train]\nbatch_size = "64"\n')
+    with pytest.raises(
+        UserError, match="batch_size='64' in \\[train\\] is not allowed: expected int"
+    ):
+        parse_args(["--config", str(path)])
+    path.write_text("[train\n")
+    with pytest.raises(UserError, match="is not valid TOML"):
+        load_toml(path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_entry_point_prints_one_line_and_exits_2():
+    command = [sys.executable, "launch/train.py", "--resolution", "100"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: resolution=100 is not allowed: use base * 2^k with base 4 to 7, from 28 to 256 "
+        "(e.g. 28, 32, 40, 48, 56, 64, 96, 112, 128, 256)"
+    ]
+
+
+def test_example_celeba_config_loads():
+    from tests.helpers import REPO
+
+    config = parse_args(["--config", str(REPO / "launch" / "configs" / "celeba64.toml")])
+    assert isinstance(config, Config) and config.model.resolution == 64
+    assert config.data.crop_box is not None
+
+
+def test_example_digits_config_loads():
+    from tests.helpers import REPO
+
+    config = parse_args(["--config", str(REPO / "launch" / "configs" / "mnist28.toml")])
+    assert config.model.resolution == 28 and config.data.flip is False
+
+
+def saved_run() -> Config:
+    """A run's config.toml as a resume reads it back: everything in it counts as given."""
+    return parse_args(
+        ["--resolution", "32", "--batch-size", "16", "--lr-g", "1e-3", "--loss", "hinge"]
+    )
+
+
+def test_resume_applies_what_can_change_and_keeps_the_rest():
+    requested = parse_args(["--lr-g", "1e-4", "--max-steps", "50", "--out-dir", "runs/x"])
+    config, changes = resume_config(saved_run(), requested)
+    assert changes == {"lr_g": (1e-3, 1e-4), "max_steps": (None, 50)}
+    assert config.train.lr_g == 1e-4 and config.train.max_steps == 50
+    # Not given now: the run's own values, not the defaults (64 px, batch 64, bce).
+    assert config.model.resolution == 32 and config.train.batch_size == 16
+    assert config.train.loss == "hinge" and config.train.out_dir == "runs/x"
+    assert resume_config(saved_run(), parse_args(["--resolution", "32"]))[1] == {}
+
+
+def test_resume_refuses_what_cannot_change_in_one_line():
+    requested = parse_args(["--resolution", "64", "--seed", "3", "--lr-d", "1e-4"])
+    with pytest.raises(UserError) as caught:
+        resume_config(saved_run(), requested)
+    message = str(caught.value)
+    assert "\n" not in message and "resolution 32 -> 64, seed 0 -> 3" in message
+    assert "lr_d" not in message and "new --out-dir" in message and "--resume none" in message
+    with pytest.raises(UserError, match="compile=True does not work with loss='wgan-gp'"):
+        resume_config(parse_args(["--loss", "wgan-gp"]), parse_args(["--compile"]))
+
+
+def test_course_settings_are_flags_and_file_keys(tmp_path):
+    argv = ["--resolution", "28", "--channels", "1", "--z-distribution", "uniform"]
+    config = parse_args([*argv, "--init", "xavier"])
+    assert config.model.resolution == 28 and config.data.channels == "1"
+    assert (config.model.z_distribution, config.model.init) == ("uniform", "xavier")
+    assert config.model.channels == 3  # resolved from the data when training starts
+    help_text = build_parser().format_help()
+    assert "--channels {auto,1,3}" in help_text and "--init {normal,xavier}" in help_text
+    path = tmp_path / "course.toml"
+    path.write_text("[data]\nchannels = 1\n[model]\nresolution = 56\n")  # a number in TOML
+    assert parse_args(["--config", str(path)]).data.channels == "1"
+    config.save_toml(tmp_path / "config.toml")
+    assert "channels" not in load_toml(tmp_path / "config.toml")["model"]
+    assert parse_args(["--config", str(tmp_path / "config.toml")]) == config
+    path.write_text("[model]\nchannels = 1\n")  # the model's count is not a setting
+    with pytest.raises(UserError, match="unknown key 'channels' in \\[model\\]"):
+        load_toml(path)
+
+
+def test_resume_refuses_other_channels_latents_or_init():
+    saved = parse_args(["--channels", "1", "--z-distribution", "uniform"])
+    for flags, change in [
+        (["--channels", "3"], "channels '1' -> '3'"),
+        (["--z-distribution", "normal"], "z_distribution 'uniform' -> 'normal'"),
+        (["--init", "xavier"], "init 'normal' -> 'xavier'"),
+    ]:
+        with pytest.raises(UserError, match=change):
+            resume_config(saved, parse_args(flags))
+    config, changes = resume_config(saved, parse_args(["--channels", "1"]))
+    assert changes == {} and config.data.channels == "1"
+
+
+def test_a_run_saved_before_augmentation_resumes_without_it(tmp_path):
+    # The default is diffaugment now; a config.toml without the field trained with none.
+    path = tmp_path / "config.toml"
+    parse_args([]).save_toml(path)
+    assert saved_run_config(path).train.augment == "diffaugment"
+    path.write_text(re.sub(r"^\w*augment\w* = (\[[^]]*\]|.*)\n", "", path.read_text(), flags=re.M))
+    assert saved_run_config(path).train.augment == "none"
+    # ... and one saved before DiffAugment's ops could be chosen used all three, the default.
+    assert saved_run_config(path).train.diffaugment_ops == ["colour", "translation", "cutout"]
