@@ -34,10 +34,11 @@ from bench.digit_metrics import DigitReference, blurred, load_digit_folder
 from bench.digit_scorer import RECORD_FILE, RESOLUTION, load_scorer
 from bench.quality import ema_generators, generate
 from bench.reference_dcgan import ReferenceDCGAN, make_generator
+from distgan.config.model import ModelConfig
 from distgan.config.sections import load_toml, make_config
 from distgan.data.loader import find_images
 from distgan.errors import UserError
-from distgan.models.dcgan import ModelConfig, sample_latents
+from distgan.models.dcgan import sample_latents
 from distgan.outputs.report import save_grid
 from distgan.runtime.env import available_cpus
 from distgan.training.trainer import resolve_mixed_precision, train

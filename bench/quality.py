@@ -38,12 +38,12 @@ import torch
 from bench.quality_features import RECORD_FILE, RESOLUTION, load_images, load_net, train_features
 from bench.quality_metrics import NEAREST, Reference
 from bench.run import cpu_model, machine_slug
+from distgan.config.choices import AugmentMode
 from distgan.config.sections import make_config
 from distgan.data.faces import ensure_builtin_faces, render_size
 from distgan.data.loader import find_images
 from distgan.errors import UserError
 from distgan.metrics.fid import to_uint8
-from distgan.models.augment import AugmentMode
 from distgan.models.dcgan import Generator, sample_latents
 from distgan.models.ema import recalibrate_batchnorm
 from distgan.outputs.checkpoint import checkpoint_dir, load_checkpoint_ema, load_generator

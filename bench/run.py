@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from bench import loaders, timing, training
+from distgan.config.model import ModelConfig
 from distgan.config.sections import TrainConfig
-from distgan.models.dcgan import Generator, ModelConfig
+from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import save_generator
 from distgan.training.trainer import configure_kernels, cpu_has_native_bf16, resolve_mixed_precision
 

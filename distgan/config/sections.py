@@ -22,13 +22,10 @@ from typing import Literal
 
 import tomli_w
 
+from distgan.config.choices import DIFF_OPS, AugmentMode, Loss, LrSchedule
+from distgan.config.model import ModelConfig
 from distgan.errors import UserError
-from distgan.models.augment import DIFF_OPS, AugmentMode
-from distgan.models.dcgan import ModelConfig
-from distgan.models.losses import Loss
 from distgan.runtime.files import write_text_atomically
-
-LrSchedule = Literal["constant", "linear", "cosine"]
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 EvalFeatures = Literal["inception", "pixels"]

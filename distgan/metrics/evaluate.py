@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distgan.config.model import ModelConfig
 from distgan.data.faces import default_cache_dir, ensure_builtin_faces, render_size
 from distgan.data.loader import dali_device_id, find_images
 from distgan.errors import UserError, first_line
 from distgan.metrics import fid as metrics
-from distgan.models.dcgan import ModelConfig
 from distgan.outputs.checkpoint import GENERATOR_WEIGHTS, load_generator
 
 SCORE_KEYS = ("fid", "kid_mean", "kid_std", "seconds")

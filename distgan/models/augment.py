@@ -23,16 +23,12 @@ format; the arithmetic is float32 whatever the autocast.
 from __future__ import annotations
 
 import math
-import typing
 from collections.abc import Collection
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-AugmentMode = Literal["none", "diffaugment", "ada"]
-DiffAugmentOp = Literal["colour", "translation", "cutout"]
-DIFF_OPS: tuple[str, ...] = typing.get_args(DiffAugmentOp)  # the paper's policy: all three
+from distgan.config.choices import DIFF_OPS, AugmentMode
 
 DIFF_TRANSLATION = 1 / 8  # of the image size
 DIFF_CUTOUT = 1 / 2

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Loss = Literal["bce", "hinge", "wgan-gp"]
-LOSSES = get_args(Loss)
+from distgan.config.choices import LOSSES
 
 
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float):

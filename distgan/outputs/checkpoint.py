@@ -28,8 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distgan import __version__
+from distgan.config.model import ModelConfig
 from distgan.errors import UserError, first_line
-from distgan.models.dcgan import Generator, ModelConfig
+from distgan.models.dcgan import Generator
 from distgan.models.ema import EMA
 from distgan.outputs.checksums import Damaged, write_checksums
 from distgan.runtime.files import write_atomically, write_json_atomically

@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from distgan.config.model import ModelConfig
 from distgan.config.sections import Config
 from distgan.errors import UserError, first_line
-from distgan.models.dcgan import ModelConfig
 from distgan.outputs.checkpoint import (
     CHECKPOINT_D,
     CHECKPOINT_G,

@@ -31,6 +31,7 @@ from accelerate import (
 from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
+from distgan.config.model import ModelConfig
 from distgan.config.sections import (
     Config,
     TrainConfig,
@@ -43,7 +44,7 @@ from distgan.data.loader import ImageLoader, prepare_images, resolve_channels
 from distgan.errors import RunStopped, UserError, require_writable_dir
 from distgan.metrics import fid as metrics
 from distgan.models.augment import Augment
-from distgan.models.dcgan import Discriminator, Generator, ModelConfig, sample_latents
+from distgan.models.dcgan import Discriminator, Generator, sample_latents
 from distgan.models.ema import EMA
 from distgan.models.losses import d_loss, g_loss, gradient_penalty
 from distgan.outputs.checkpoint import (

@@ -24,8 +24,9 @@ from PIL import Image
 import export.bench
 import export.onnx_export
 import export.runtime
+from distgan.config.model import ModelConfig
 from distgan.errors import UserError
-from distgan.models.dcgan import Generator, ModelConfig
+from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import save_generator
 from export.__main__ import main as export_main
 from export.bench import bench, ort_side, torch_side

@@ -11,8 +11,8 @@ from typing import get_args
 import numpy as np
 import pytest
 
+from distgan.config.model import ZDistribution
 from distgan.errors import UserError
-from distgan.models.dcgan import ZDistribution
 from export.latents import (
     MAX_SEED,
     Z_DISTRIBUTIONS,

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from distgan.models.dcgan import Generator, ModelConfig
+from distgan.config.model import ModelConfig
+from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import save_generator
 from export.generate import to_pixels
 from export.latents import latents

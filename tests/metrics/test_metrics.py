@@ -17,10 +17,10 @@ import pytest
 import scipy.linalg
 import torch
 
+from distgan.config.model import ModelConfig
 from distgan.data.loader import find_images
 from distgan.errors import UserError
 from distgan.metrics import fid as metrics
-from distgan.models.dcgan import ModelConfig
 from tests.helpers import REPO, SMALL_GAN, run_module, run_train, write_images
 
 

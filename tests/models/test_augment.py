@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distgan.config.model import ModelConfig
 from distgan.models.augment import Augment, ada_augment, diff_augment
-from distgan.models.dcgan import Discriminator, Generator, ModelConfig
+from distgan.models.dcgan import Discriminator, Generator
 from distgan.outputs.checkpoint import read_trainer_state
 from tests.helpers import SMALL_GAN, run_train, small_run, write_images
 

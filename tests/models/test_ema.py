@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from distgan.models.dcgan import Generator, ModelConfig, sample_latents
+from distgan.config.model import ModelConfig
+from distgan.models.dcgan import Generator, sample_latents
 from distgan.models.ema import EMA, recalibrate_batchnorm
 
 

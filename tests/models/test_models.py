@@ -5,7 +5,8 @@ distributions, the options (width, spectral norm, dropout), and config validatio
 import pytest
 import torch
 
-from distgan.models.dcgan import Discriminator, Generator, ModelConfig, sample_latents
+from distgan.config.model import ModelConfig
+from distgan.models.dcgan import Discriminator, Generator, sample_latents
 
 
 @pytest.mark.parametrize(

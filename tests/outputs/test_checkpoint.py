@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from distgan.config.model import ModelConfig
 from distgan.errors import UserError
-from distgan.models.dcgan import Generator, ModelConfig
+from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import (
     GENERATOR_META,
     GENERATOR_WEIGHTS,

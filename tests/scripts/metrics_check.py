@@ -8,9 +8,10 @@ import sys
 import torch
 from accelerate import Accelerator
 
+from distgan.config.model import ModelConfig
 from distgan.data.loader import find_images
 from distgan.metrics import fid as metrics
-from distgan.models.dcgan import Generator, ModelConfig
+from distgan.models.dcgan import Generator
 
 
 def main(folder: str) -> None:

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from distgan.config.model import ModelConfig
 from distgan.errors import UserError
-from distgan.models.dcgan import ModelConfig
 from distgan.outputs.checkpoint import (
     STATE_FILE,
     TrainerState,

@@ -1,0 +1,111 @@
+"""The architecture's settings (ModelConfig), torch-free: stored in every checkpoint and generator
+file, read by the command line without importing torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+MIN_RESOLUTION, MAX_RESOLUTION = 28, 256
+BASES = range(4, 8)  # G starts from, and D ends on, a base x base map
+RESOLUTION_EXAMPLES = "28, 32, 40, 48, 56, 64, 96, 112, 128, 256"
+ZDistribution = Literal["normal", "uniform"]
+Init = Literal["normal", "xavier"]
+
+
+def split_resolution(resolution: int) -> tuple[int, int] | None:
+    """(base, stages) with resolution = base * 2**stages and base in 4..7, or None if there is
+    none. The pair is unique: the bases of one stage count cover [4 * 2**k, 8 * 2**k)."""
+    stages = 0
+    while resolution % 2 == 0 and resolution // 2 >= BASES.start:
+        resolution, stages = resolution // 2, stages + 1
+    return (resolution, stages) if resolution in BASES else None
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of G and D. Stored in every checkpoint and generator file, so that a resume or
+    an export rebuilds exactly the same shapes."""
+
+    resolution: int = 64
+    """Image side in pixels, from 28 to 256: base * 2^k with base 4 to 7 (28, 32, 40, 48, 56, 64,
+    96, 112, 128, 256, ...). G starts from a base x base map and D ends on one."""
+
+    channels: int = 3
+    """Image channels, 1 (grayscale) or 3 (RGB). Not a flag of its own: training sets it from
+    --channels (data), resolved against the images."""
+
+    z_dim: int = 100
+    """Length of the latent vector z."""
+
+    z_distribution: ZDistribution = "normal"
+    """Distribution of z: normal (N(0, 1)) or uniform (U[-1, 1])."""
+
+    init: Init = "normal"
+    """Initial conv weights: normal (DCGAN's N(0, 0.02)) or xavier (Glorot uniform, as Keras);
+    BatchNorm weights N(1, 0.02) either way."""
+
+    g_channels: int = 64
+    """Width of G: channels of its last hidden layer; earlier layers double it, up to 8x."""
+
+    d_channels: int = 64
+    """Width of D: channels of its first layer; later layers double it, up to 8x."""
+
+    leaky_slope: float = 0.2
+    """Negative slope of D's LeakyReLU."""
+
+    d_spectral_norm: bool = False
+    """Wrap every convolution of D in spectral normalisation."""
+
+    d_dropout: float = 0.0
+    """Dropout probability after each hidden block of D (0 disables it)."""
+
+    def __post_init__(self) -> None:
+        resolution = self.resolution
+        if (
+            not isinstance(resolution, int)
+            or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
+            or split_resolution(resolution) is None
+        ):
+            raise ValueError(
+                f"resolution={resolution!r} is not allowed: use base * 2^k with base 4 to 7, from "
+                f"{MIN_RESOLUTION} to {MAX_RESOLUTION} (e.g. {RESOLUTION_EXAMPLES})"
+            )
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ValueError(f"channels={self.channels!r} is not allowed: use 1 or 3")
+        for name, allowed in (("z_distribution", ZDistribution), ("init", Init)):
+            if getattr(self, name) not in get_args(allowed):
+                listed = " or ".join(get_args(allowed))
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: use {listed}")
+        for name in ("z_dim", "g_channels", "d_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed: use a positive integer")
+        if not 0.0 <= self.leaky_slope < 1.0:
+            raise ValueError(f"leaky_slope={self.leaky_slope} is not allowed: use 0 <= slope < 1")
+        if not 0.0 <= self.d_dropout < 1.0:
+            raise ValueError(f"d_dropout={self.d_dropout} is not allowed: use 0 <= p < 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config keys {unknown}: this file is from another version"
+            )
+        return cls(**values)
+
+    @property
+    def base(self) -> int:
+        """Side of G's first and D's last feature map (4 for powers of two, 7 for 28, 56, ...)."""
+        return split_resolution(self.resolution)[0]
+
+    @property
+    def num_stages(self) -> int:
+        """Number of 2x up-/down-sampling stages between base x base and the full resolution."""
+        return split_resolution(self.resolution)[1]
