@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bench.quality_features import deterministic
-from distgan.errors import UserError
+from distgan.errors import UserError, exit_on_user_error
 
 RESOLUTION = 28
 CLASSES = 10
@@ -203,10 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.digit_scorer", description=__doc__)
     parser.add_argument("--train", type=Path, metavar="DIGITS.npz", required=True)
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         record = train_scorer(args.train)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
     print(json.dumps(record, indent=2))
 
 

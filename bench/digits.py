@@ -41,7 +41,8 @@ from distgan.errors import UserError
 from distgan.models.dcgan import sample_latents
 from distgan.outputs.report import save_grid
 from distgan.runtime.env import available_cpus
-from distgan.training.trainer import resolve_mixed_precision, train
+from distgan.training.precision import resolve_mixed_precision
+from distgan.training.trainer import train
 
 RECIPE_FILE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "mnist28.toml"
 SAMPLE_SEED = 1234  # the z of every scored sample set

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 import typing
@@ -42,13 +41,14 @@ from distgan.config.choices import AugmentMode
 from distgan.config.sections import make_config
 from distgan.data.faces import ensure_builtin_faces, render_size
 from distgan.data.loader import find_images
-from distgan.errors import UserError
+from distgan.errors import UserError, exit_on_user_error
 from distgan.metrics.fid import to_uint8
 from distgan.models.dcgan import Generator, sample_latents
 from distgan.models.ema import recalibrate_batchnorm
 from distgan.outputs.checkpoint import checkpoint_dir, load_checkpoint_ema, load_generator
 from distgan.outputs.report import read_jsonl, save_grid
-from distgan.training.trainer import resolve_mixed_precision, train
+from distgan.training.precision import resolve_mixed_precision
+from distgan.training.trainer import train
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 AUGMENTS = typing.get_args(AugmentMode)
@@ -532,7 +532,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     log = functools.partial(print, flush=True)
-    try:
+    with exit_on_user_error():
         if args.table:
             from bench import digits
 
@@ -554,9 +554,6 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="distgan-quality-") as scratch:
             work_dir = args.work_dir or Path(scratch)
             result = run_benchmark(plan, samples_dir, args.cache_dir, work_dir, log)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     result.update(machine=info, date=date)
     table = markdown(result)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

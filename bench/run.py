@@ -27,7 +27,11 @@ from distgan.config.model import ModelConfig
 from distgan.config.sections import TrainConfig
 from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import save_generator
-from distgan.training.trainer import configure_kernels, cpu_has_native_bf16, resolve_mixed_precision
+from distgan.training.precision import (
+    configure_kernels,
+    cpu_has_native_bf16,
+    resolve_mixed_precision,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -18,7 +18,7 @@ from bench.reference_dcgan import ReferenceDCGAN
 from bench.timing import synchronize
 from distgan.config.model import ModelConfig
 from distgan.config.sections import TrainConfig, load_toml, make_config
-from distgan.training.trainer import build_gan, gan_step
+from distgan.training.gan import build_gan, gan_step
 
 RESOLUTION = 64
 DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "mnist28.toml"

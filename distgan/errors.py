@@ -1,7 +1,10 @@
 """Errors for bad input and stopped runs, and the checks shared by the entry points. Imports no
 torch: `python -m export generate` uses it too."""
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -22,6 +25,24 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     exception's type name when the message is empty."""
     lines = str(err).strip().splitlines()
     return lines[0][:limit] if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def exit_on_user_error(*kinds: type[BaseException]) -> Iterator[None]:
+    """The one place a command's error becomes its exit status: an error of `kinds` (default
+    UserError) raised in the block prints `error: MESSAGE` on stderr and exits with status 2,
+    without a traceback; anything else passes through. Use it around a main's work,
+
+        with exit_on_user_error():
+            run(args)
+
+    or as a decorator, `@exit_on_user_error()`.
+    """
+    try:
+        yield
+    except kinds or (UserError,) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def require_writable_dir(path: Path, name: str) -> None:

@@ -4,9 +4,8 @@ never imports torch."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from distgan.errors import UserError
+from distgan.errors import UserError, exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with exit_on_user_error():
         if args.command == "onnx":
             from export.onnx_export import export_onnx, resolve_generator
 
@@ -133,9 +132,6 @@ def main(argv: list[str] | None = None) -> None:
             from export.bench import bench
 
             bench(args.model, args.generator, args.batch_sizes, args.repeats)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a clone, installed or not
 
-from distgan.training.trainer import main  # noqa: E402
+from distgan.training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ from distgan.data.faces import (
     ensure_builtin_faces,
     render_size,
 )
-from distgan.errors import UserError, first_line
+from distgan.errors import UserError, exit_on_user_error, first_line
 from distgan.runtime.env import available_cpus, available_memory, local_processes
 from distgan.runtime.files import write_json_atomically, write_text_atomically
 
@@ -633,11 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     scan.add_argument("--workers", type=int, help="parallel checks (default: all cores)")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error(OSError, ValueError):  # survey_folder's errors name the folder
         folder = survey_folder(args.data_dir)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     files = folder.files
     bad = scan_images(files, args.crop_box, args.workers)
     for path, reason in bad.items():

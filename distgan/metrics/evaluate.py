@@ -19,7 +19,7 @@ import torch
 from distgan.config.model import ModelConfig
 from distgan.data.faces import default_cache_dir, ensure_builtin_faces, render_size
 from distgan.data.loader import dali_device_id, find_images
-from distgan.errors import UserError, first_line
+from distgan.errors import UserError, exit_on_user_error, first_line
 from distgan.metrics import fid as metrics
 from distgan.outputs.checkpoint import GENERATOR_WEIGHTS, load_generator
 
@@ -187,11 +187,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with exit_on_user_error():
         result = evaluate(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     line = json.dumps(result)
     print(line)
     out = args.out or (args.run / "eval.jsonl" if args.run and not args.onnx else None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from huggingface_hub import (
@@ -31,7 +30,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from distgan import __version__
 from distgan.config.sections import Config, saved_run_config
-from distgan.errors import UserError, first_line
+from distgan.errors import UserError, exit_on_user_error, first_line
 from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import (
     GENERATOR_META,
@@ -391,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with exit_on_user_error():
         if args.command == "save":
             print(f"wrote {save_from_run(args.run, args.out)}")
         elif args.dry_run:
@@ -400,9 +399,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             url = push(args.run, args.repo_id, private=args.private, onnx=args.onnx)
             print(f"uploaded to {url}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

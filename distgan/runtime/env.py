@@ -8,6 +8,7 @@ somewhere other than where the user expects (GPUs visible but torch without CUDA
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import math
 import os
@@ -267,7 +268,13 @@ def report() -> tuple[list[str], list[str]]:
     return lines, problems
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m distgan.runtime.env",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)  # no options: --help, and a clear error for anything else
     lines, problems = report()
     print("\n".join(lines))
     for problem in problems:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from distgan.training.trainer import native_precision
+from distgan.training.precision import native_precision
 from tests.helpers import REPO, small_run
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from distgan.errors import UserError
 from distgan.outputs.checkpoint import list_checkpoints, load_generator
 from distgan.runtime.launch_env import LauncherPrecision
-from distgan.training import trainer as train_module
-from distgan.training.trainer import (
+from distgan.training import precision as precision_module
+from distgan.training.precision import (
     Precision,
     choose_precision,
     configure_kernels,
@@ -233,7 +233,7 @@ def tiny_gan():
     from bench.training import fresh_accelerator
     from distgan.config.sections import TrainConfig
     from distgan.models.dcgan import ModelConfig
-    from distgan.training.trainer import build_gan
+    from distgan.training.gan import build_gan
 
     accelerator = fresh_accelerator("no", torch.device("cpu"))
     tc = TrainConfig(batch_size=4, channels_last=False)
@@ -258,7 +258,7 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state():
-    from distgan.training.trainer import gan_step
+    from distgan.training.gan import gan_step
 
     accelerator, tc, gan, real = tiny_gan()
     gan_step(accelerator, tc, gan, real, step=0)  # Adam's moments exist from here on
@@ -273,7 +273,7 @@ def test_a_nonfinite_step_changes_no_weight_and_no_optimizer_state():
 
 
 def test_d_collects_gradients_only_in_its_own_step_and_the_ema_moves():
-    from distgan.training.trainer import gan_step
+    from distgan.training.gan import gan_step
 
     accelerator, tc, gan, real = tiny_gan()
     accumulated = []
@@ -417,7 +417,7 @@ def test_a_folder_of_mixed_formats_trains_on_every_image(tmp_path):
 
 def test_the_start_up_line_says_who_chose_the_precision(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
     default = LauncherPrecision(None, "accelerate launch's default no")
     over_default = "auto: native here, over accelerate launch's default no; "
     assert choose_precision("auto", default) == (
@@ -437,7 +437,7 @@ def test_the_start_up_line_says_who_chose_the_precision(monkeypatch):
     overruled = "--mixed-precision, over accelerate launch --mixed_precision no"
     assert choose_precision("bf16", chosen) == ("bf16", overruled)
     assert choose_precision("no", chosen) == ("no", "--mixed-precision")
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     assert choose_precision("auto", default) == ("no", "auto: no native bf16 or fp16 here")
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         choose_precision("auto", LauncherPrecision("fp16", "ACCELERATE_MIXED_PRECISION=fp16"))

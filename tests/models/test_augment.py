@@ -159,7 +159,7 @@ def tiny_gan(**train):
     """A CPU fp32 GAN as the trainer builds it, and one batch of real images."""
     from bench.training import fresh_accelerator
     from distgan.config.sections import TrainConfig
-    from distgan.training.trainer import build_gan
+    from distgan.training.gan import build_gan
 
     accelerator = fresh_accelerator("no", torch.device("cpu"))
     tc = TrainConfig(batch_size=4, **train)
@@ -168,7 +168,7 @@ def tiny_gan(**train):
 
 
 def trained_weights(steps=2, p=0.0, **train) -> list[torch.Tensor]:
-    from distgan.training.trainer import gan_step
+    from distgan.training.gan import gan_step
 
     accelerator, tc, gan, real = tiny_gan(**train)
     gan.augment.restore(p)

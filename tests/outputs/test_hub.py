@@ -251,7 +251,7 @@ def test_push_without_a_token_or_a_network_fails_with_one_line(run_copy, tmp_pat
 @pytest.mark.parametrize("source", ["run", "checkpoint", "hub"])
 def test_init_from_loads_the_sources_weights_with_fresh_optimizers(trained_run, source):
     from bench.training import fresh_accelerator
-    from distgan.training.trainer import build_gan
+    from distgan.training.gan import build_gan
 
     final = trained_run / "checkpoints" / "step-00000010"
     path = {"run": trained_run, "checkpoint": final, "hub": trained_run / "hub"}[source]

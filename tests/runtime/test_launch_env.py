@@ -24,7 +24,7 @@ from distgan.runtime.launch_env import (
     launch_arguments,
     launcher_precision,
 )
-from distgan.training.trainer import choose_precision
+from distgan.training.precision import choose_precision
 from tests.helpers import REPO, run_train
 
 LAUNCHED = {"ACCELERATE_MIXED_PRECISION": "no"}  # what accelerate launch exports by default
