@@ -21,7 +21,7 @@ from PIL import Image
 
 from bench.digit_scorer import RESOLUTION, DigitNet, features_and_probabilities
 from bench.quality_metrics import NEAREST, coverage
-from distgan.data.loader import find_images
+from distgan.data.folder import find_images
 from distgan.errors import UserError
 from distgan.metrics.fid import Stats, fid
 

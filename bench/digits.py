@@ -19,7 +19,6 @@ with the goals beside them.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import tempfile
 import time
@@ -35,8 +34,9 @@ from bench.digit_scorer import RECORD_FILE, RESOLUTION, load_scorer
 from bench.quality import ema_generators, generate
 from bench.reference_dcgan import ReferenceDCGAN, make_generator
 from distgan.config.model import ModelConfig
-from distgan.config.sections import load_toml, make_config
-from distgan.data.loader import find_images
+from distgan.config.config import load_toml, make_config
+from distgan.data.folder import find_images
+from distgan.data.order import steps_per_epoch
 from distgan.errors import UserError
 from distgan.models.dcgan import sample_latents
 from distgan.outputs.report import save_grid
@@ -261,9 +261,9 @@ def run_digits(plan: DigitPlan, data_dir: Path, grids: Path, log, workers: int =
         "noise": scoring.reference.score(noise),
     }
     log(f"scale: real {scale['real']['fd']:.2f}, blurred {scale[BLUR_UNIT]['fd']:.2f}")
-    steps_per_epoch = math.ceil(len(digits) / plan.batch_size)
-    scored = tuple(e * steps_per_epoch for e in plan.scored_epochs)
-    goal_steps = tuple(e * steps_per_epoch for e in plan.epochs)
+    per_epoch = steps_per_epoch(len(digits), 1, plan.batch_size)  # every run is one process
+    scored = tuple(e * per_epoch for e in plan.scored_epochs)
+    goal_steps = tuple(e * per_epoch for e in plan.epochs)
     with tempfile.TemporaryDirectory(prefix="distgan-digits-") as scratch:
         work = Path(scratch)
         whole = {"data_dir": Path(data_dir), "steps": scored[-1], "scored": scored}
@@ -301,7 +301,7 @@ def run_digits(plan: DigitPlan, data_dir: Path, grids: Path, log, workers: int =
     result = {
         "plan": asdict(plan),
         "digits": len(digits),
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": per_epoch,
         "recipe": str(RECIPE_FILE.relative_to(RECIPE_FILE.parents[2])),
         "precision": resolve_mixed_precision("auto"),
         "scorer": read_record(),

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from bench.timing import synchronize
-from distgan.data.loader import ImageLoader, dali_device_id, find_images
+from distgan.data.folder import find_images
+from distgan.data.loader import ImageLoader, dali_device_id
 
 CELEBA_SIZE = (178, 218)  # width, height of CelebA's aligned images
 

@@ -38,11 +38,11 @@ from bench.quality_features import RECORD_FILE, RESOLUTION, load_images, load_ne
 from bench.quality_metrics import NEAREST, Reference
 from bench.run import cpu_model, machine_slug
 from distgan.config.choices import AugmentMode
-from distgan.config.sections import make_config
+from distgan.config.config import make_config
 from distgan.data.faces import ensure_builtin_faces, render_size
-from distgan.data.loader import find_images
+from distgan.data.folder import find_images
 from distgan.errors import UserError, exit_on_user_error
-from distgan.metrics.fid import to_uint8
+from distgan.metrics.features import to_uint8
 from distgan.models.dcgan import Generator, sample_latents
 from distgan.models.ema import recalibrate_batchnorm
 from distgan.outputs.checkpoint import checkpoint_dir, load_checkpoint_ema, load_generator

@@ -39,7 +39,8 @@ from distgan.data.faces import (
     render_range,
     render_size,
 )
-from distgan.data.loader import ImageLoader, find_images
+from distgan.data.folder import find_images
+from distgan.data.loader import ImageLoader
 from distgan.errors import UserError
 from distgan.runtime.env import available_cpus
 

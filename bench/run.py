@@ -195,9 +195,9 @@ def recipe_table(section: dict) -> list[str]:
 
 
 def measure_inference(args, workdir: Path) -> list[dict]:
+    from distgan.runtime.ort_providers import cuda_device_count
     from export.bench import measure
     from export.onnx_export import export_onnx
-    from export.runtime import cuda_device_count
 
     generator = Generator(ModelConfig(resolution=training.RESOLUTION)).eval()
     weights = save_generator(workdir / "generator", generator, step=0, images_seen=0)

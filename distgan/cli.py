@@ -23,8 +23,8 @@ class Command(NamedTuple):
 
 COMMANDS = {
     "train": Command(
-        "distgan.training.trainer",
-        "train a GAN (one process; under `distgan launch`, each process of the job)",
+        "distgan.training.cli",
+        "train a GAN in this process (several: `distgan launch launch/train.py ...`)",
     ),
     "evaluate": Command(
         "distgan.metrics.evaluate", "FID and KID of a trained generator or an ONNX model"

@@ -38,9 +38,10 @@ def exit_on_user_error(*kinds: type[BaseException]) -> Iterator[None]:
 
     or as a decorator, `@exit_on_user_error()`.
     """
+    caught = kinds or (UserError,)
     try:
         yield
-    except kinds or (UserError,) as err:
+    except caught as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -19,8 +19,9 @@ import torch
 
 from distgan.errors import UserError
 from distgan.outputs.checkpoint import load_generator
+from distgan.runtime.ort_providers import cuda_device_count
 from export.generate import Runner
-from export.runtime import create_session, cuda_device_count, model_info, session_device
+from export.runtime import create_session, model_info, session_device
 
 MIN_SECONDS = 0.3  # each timed repeat runs at least this long, so batch 1 is not timer noise
 

@@ -16,15 +16,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from distgan import __version__
 from distgan.errors import UserError, first_line
 from distgan.models.dcgan import Generator, sample_latents
-from distgan.outputs.checkpoint import GENERATOR_WEIGHTS, load_generator
+from distgan.outputs.checkpoint import load_generator
+from distgan.outputs.generator_file import GENERATOR_WEIGHTS
 from distgan.runtime.files import write_atomically
-from export.runtime import (
-    FLOAT_OUTPUT,
-    UINT8_OUTPUT,
-    create_session,
-    pick_providers,
-    session_device,
-)
+from distgan.runtime.ort_providers import pick_providers
+from export.runtime import FLOAT_OUTPUT, UINT8_OUTPUT, create_session, session_device
 
 OPSET = 18
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from distgan.config.rules import setting
+
 MIN_RESOLUTION, MAX_RESOLUTION = 28, 256
 BASES = range(4, 8)  # G starts from, and D ends on, a base x base map
 RESOLUTION_EXAMPLES = "28, 32, 40, 48, 56, 64, 96, 112, 128, 256"
@@ -26,39 +28,39 @@ def split_resolution(resolution: int) -> tuple[int, int] | None:
 @dataclass(kw_only=True)
 class ModelConfig:
     """Architecture of G and D. Stored in every checkpoint and generator file, so that a resume or
-    an export rebuilds exactly the same shapes."""
+    an export rebuilds exactly the same shapes; fixed on resume (the checkpoint's model)."""
 
-    resolution: int = 64
+    resolution: int = setting(64, on_resume="fixed")
     """Image side in pixels, from 28 to 256: base * 2^k with base 4 to 7 (28, 32, 40, 48, 56, 64,
     96, 112, 128, 256, ...). G starts from a base x base map and D ends on one."""
 
-    channels: int = 3
+    channels: int = setting(3, on_resume="fixed", resolved=True)
     """Image channels, 1 (grayscale) or 3 (RGB). Not a flag of its own: training sets it from
     --channels (data), resolved against the images."""
 
-    z_dim: int = 100
+    z_dim: int = setting(100, on_resume="fixed")
     """Length of the latent vector z."""
 
-    z_distribution: ZDistribution = "normal"
+    z_distribution: ZDistribution = setting("normal", on_resume="fixed")
     """Distribution of z: normal (N(0, 1)) or uniform (U[-1, 1])."""
 
-    init: Init = "normal"
+    init: Init = setting("normal", on_resume="fixed")
     """Initial conv weights: normal (DCGAN's N(0, 0.02)) or xavier (Glorot uniform, as Keras);
     BatchNorm weights N(1, 0.02) either way."""
 
-    g_channels: int = 64
+    g_channels: int = setting(64, on_resume="fixed")
     """Width of G: channels of its last hidden layer; earlier layers double it, up to 8x."""
 
-    d_channels: int = 64
+    d_channels: int = setting(64, on_resume="fixed")
     """Width of D: channels of its first layer; later layers double it, up to 8x."""
 
-    leaky_slope: float = 0.2
+    leaky_slope: float = setting(0.2, on_resume="fixed")
     """Negative slope of D's LeakyReLU."""
 
-    d_spectral_norm: bool = False
+    d_spectral_norm: bool = setting(False, on_resume="fixed")
     """Wrap every convolution of D in spectral normalisation."""
 
-    d_dropout: float = 0.0
+    d_dropout: float = setting(0.0, on_resume="fixed")
     """Dropout probability after each hidden block of D (0 disables it)."""
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from distgan.runtime.env import available_cpus
+from distgan.runtime.paths import default_cache_dir
 
 VERSION = 1
 SUPERSAMPLE = 2
@@ -259,10 +260,6 @@ def render_range(folder: str, start: int, stop: int, size: int) -> None:
     """Faces start..stop-1 into `folder` as the built-in set's JPEG files (`NNNNNN.jpg`)."""
     for i in range(start, stop):
         render_face(i, size).save(os.path.join(folder, f"{i:06d}.jpg"), quality=92)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DISTGAN_CACHE") or Path.home() / ".cache" / "distgan")
 
 
 def render_size(resolution: int) -> int:

@@ -1,364 +1,33 @@
 """The image pipeline: NVIDIA DALI reads, decodes (on the GPU when there is one), crops, resizes,
-flips and normalises a folder of images (JPEG, PNG, WebP, BMP, TIFF, PNM, JPEG 2000: the formats
-DALI's image decoder reads), sharded across the training processes.
+flips and normalises a folder of images (the formats of data/folder.py), sharded across the
+training processes, in the order of data/order.py; or serves the same batches from a cache of the
+decoded images. Also `python -m distgan.data.loader scan DIR` (data/folder.py's checks).
 
-The order of the data is ours, not DALI's: each epoch is one global permutation (from the seed and
-the epoch number), padded by wrapping to a whole number of global batches, so that every process
-runs the same number of steps and no image is dropped. Global batch k is entries [k*W*B, (k+1)*W*B)
-of that order, and process r takes the r-th block of B. That order is handed to
-`fn.readers.file` laid out so that its contiguous shard `shard_id=r` is exactly process r's share,
-which also makes resuming mid-epoch exact: start the list at the resumed step. Flips are drawn the
-same way, from the seed, per position in the order.
+The one distgan module that imports DALI.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import nvidia.dali.math as dmath
 import torch
-import torch.distributed
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from PIL import Image, UnidentifiedImageError
 
-from distgan.data.faces import (
-    builtin_faces_dir,
-    default_cache_dir,
-    ensure_builtin_faces,
-    render_size,
-)
-from distgan.errors import UserError, exit_on_user_error, first_line
-from distgan.runtime.env import available_cpus, available_memory, local_processes
-from distgan.runtime.files import write_json_atomically, write_text_atomically
+from distgan.data.folder import scan_images, survey_folder
+from distgan.data.order import epoch_flips, epoch_order, shard_layout, steps_per_epoch
+from distgan.errors import exit_on_user_error
+from distgan.runtime.env import available_memory, local_processes
 
-
-class ImageFormat(NamedTuple):
-    """An image format that DALI decodes, and the file extensions that name it."""
-
-    name: str  # as the start-up line counts it
-    pillow: str  # Pillow's name for it (the scan opens files with Pillow)
-    extensions: tuple[str, ...]
-
-
-# Every format DALI's image decoder reads, each checked to decode on the CPU (tests/data/).
-# Files are found by extension; DALI decodes by content, and the scan checks that.
-IMAGE_FORMATS = (
-    ImageFormat("JPEG", "JPEG", (".jpg", ".jpeg")),
-    ImageFormat("PNG", "PNG", (".png",)),
-    ImageFormat("WebP", "WEBP", (".webp",)),
-    ImageFormat("BMP", "BMP", (".bmp",)),
-    ImageFormat("TIFF", "TIFF", (".tif", ".tiff")),
-    ImageFormat("PNM", "PPM", (".pbm", ".pgm", ".ppm", ".pnm")),
-    ImageFormat("JPEG 2000", "JPEG2000", (".jp2", ".j2k")),
-)
-FORMAT_BY_EXTENSION = {ext: f for f in IMAGE_FORMATS for ext in f.extensions}
-IMAGE_EXTENSIONS = tuple(FORMAT_BY_EXTENSION)
-FORMAT_NAMES = ", ".join(f.name for f in IMAGE_FORMATS)
-PILLOW_FORMATS = frozenset(f.pillow for f in IMAGE_FORMATS)
-TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
-SKIPPED_NAMES_SHOWN = 5  # names of skipped files on the start-up line; then "and N more"
-SCAN_VERSION = 2  # 2: every format in IMAGE_FORMATS
-BAD_IMAGES_FILE = "bad_images.txt"
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # PIL's
-HEADERS_PER_ROUND = 256  # files whose headers are read between checks for a colour image
 # DALI decodes JPEG 2000 on the CPU with OpenCV, which warns on every image of a bare codestream
 # (.j2k: no colour space box, sRGB assumed), each epoch: keep its warnings out of the log.
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-
-
-class ImageFolder(NamedTuple):
-    """What a data folder holds: its image files (by extension), sorted absolute paths, and the
-    other files in it, which training skips (sorted, relative to the folder)."""
-
-    root: Path
-    files: list[str]
-    skipped: list[str]
-
-    def describe(self, files: list[str] | None = None) -> str:
-        """`files` (default: all the images) counted by format, and the skipped files named:
-        "22 images (13 JPEG, 4 WebP, 4 BMP, 1 PNG) in DIR; skipped 2 files without an image
-        extension: notes.txt, thumbs.db"."""
-        files = self.files if files is None else files
-        counts = Counter(FORMAT_BY_EXTENSION[Path(f).suffix.lower()].name for f in files)
-        order = [f.name for f in IMAGE_FORMATS]
-        by_count = sorted(counts.items(), key=lambda item: (-item[1], order.index(item[0])))
-        formats = ", ".join(f"{count} {name}" for name, count in by_count)
-        text = f"{len(files)} images ({formats}) in {self.root}"
-        if self.skipped:
-            names = ", ".join(self.skipped[:SKIPPED_NAMES_SHOWN])
-            more = len(self.skipped) - SKIPPED_NAMES_SHOWN
-            names += f", and {more} more" if more > 0 else ""
-            text += f"; skipped {plural(len(self.skipped), 'file')} without an image extension: "
-            text += names
-        return text
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def survey_folder(data_dir: str | os.PathLike) -> ImageFolder:
-    """The image files under `data_dir` (recursively; any extension of IMAGE_FORMATS, in any
-    case) and the other files there. Raises with a one-line message if there are no images."""
-    root = Path(data_dir).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"data_dir {root} does not exist: check the --data-dir path")
-    if not root.is_dir():
-        raise NotADirectoryError(f"data_dir {root} is not a folder: pass the folder of images")
-    files, skipped = [], []
-    for path in root.rglob("*"):
-        if path.suffix.lower() in FORMAT_BY_EXTENSION and path.is_file():
-            files.append(str(path.resolve()))
-        elif not path.is_dir():  # other files, and broken links
-            skipped.append(str(path.relative_to(root)))
-    folder = ImageFolder(root, sorted(files), sorted(skipped))
-    if not files:
-        others = f" ({plural(len(skipped), 'other file')})" if skipped else ""
-        raise ValueError(
-            f"data_dir {root} holds no images{others}: point --data-dir at a folder of "
-            f"{FORMAT_NAMES} files ({' '.join(IMAGE_EXTENSIONS)})"
-        )
-    return folder
-
-
-def find_images(data_dir: str | os.PathLike) -> list[str]:
-    """All image files under `data_dir` (recursively), sorted, as absolute paths."""
-    return survey_folder(data_dir).files
-
-
-def dali_cannot_decode(image: Image.Image) -> str | None:
-    """Why DALI cannot decode an image that Pillow opened (its format, or a TIFF variant that
-    DALI 2.4 fails on or decodes wrongly on the CPU), or None."""
-    if image.format not in PILLOW_FORMATS:
-        return f"a {image.format} image, which DALI does not decode: convert it to PNG"
-    if image.format != "TIFF":
-        return None
-    if TIFF_BITS_PER_SAMPLE not in image.tag_v2:  # Pillow's uncompressed 1-bit TIFFs
-        return "a TIFF without a BitsPerSample tag, which DALI cannot decode: convert it to PNG"
-    if image.mode == "I":
-        return "a 32-bit integer TIFF, which DALI cannot decode: convert it to PNG"
-    if image.mode == "LA":
-        return "a gray + alpha TIFF, which DALI decodes with wrong colours: convert it to PNG"
-    return None
-
-
-def check_image(path: str, crop_box: list[int] | None = None) -> str | None:
-    """Why DALI could not train on this file, or None if it can. Decodes the whole file (JPEGs at
-    1/8 scale: every byte is still entropy-decoded, so truncation and corruption show)."""
-    try:
-        with open(path, "rb") as f:
-            header = f.read(1)
-        if not header:
-            return "empty file"
-        with Image.open(path) as image:
-            reason = dali_cannot_decode(image)
-            if reason:
-                return reason
-            size = image.size
-            if image.format == "JPEG":
-                image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-            image.load()
-    except PermissionError:
-        return "unreadable: permission denied"
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken data
-        return f"corrupt: {first_line(err, 80)}"
-    if crop_box is not None:
-        left, top, width, height = crop_box
-        if left + width > size[0] or top + height > size[1]:
-            return f"{size[0]}x{size[1]} is smaller than the crop box {crop_box}"
-    return None
-
-
-def scan_cache_path(
-    cache_dir: str | os.PathLike, files: list[str], crop_box, part: str = ""
-) -> Path:
-    """Where scan results for this data (and crop, and share of it) are kept."""
-    root = os.path.commonpath(files) if files else ""
-    blob = json.dumps([SCAN_VERSION, root, len(files), crop_box, part])
-    return Path(cache_dir) / "scans" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
-
-
-def scan_images(
-    files: list[str],
-    crop_box: list[int] | None = None,
-    workers: int | None = None,
-    cache_path: Path | None = None,
-) -> dict[str, str]:
-    """{path: reason} for every file in `files` that training cannot use, checked in parallel.
-
-    With `cache_path`, results are kept per file (size and mtime), so a later scan of the same
-    data only re-checks new or changed files.
-    """
-    known: dict = {}
-    if cache_path is not None and cache_path.is_file():
-        try:
-            known = json.loads(cache_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            known = {}
-
-    def stamp(path: str):
-        try:
-            info = os.stat(path)
-            return [info.st_size, info.st_mtime_ns]
-        except OSError:
-            return None
-
-    stamps = {f: stamp(f) for f in files}
-    todo = [f for f in files if f not in known or known[f][0] != stamps[f] or stamps[f] is None]
-    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
-        for path, reason in zip(
-            todo, pool.map(lambda f: check_image(f, crop_box), todo), strict=True
-        ):
-            known[path] = [stamps[path], reason]
-    if cache_path is not None and todo:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(cache_path, {f: known[f] for f in files})
-    return {f: known[f][1] for f in files if known[f][1] is not None}
-
-
-def _all_processes(found: dict) -> dict:
-    """The union of every training process's dict (just `found` without a process group)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return found
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, found)
-    return {key: value for part in parts for key, value in part.items()}
-
-
-def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Path, list[str]]:
-    """(data folder, usable image files), the same on every process. Renders the built-in faces
-    once per machine; scans the files for ones DALI cannot decode (each process a share, in
-    parallel) and stops with the list, or skips them, as `dc.on_bad_image` says; prints the
-    images it trains on by format, and the other files it skipped.
-
-    `accelerator` is the run's Accelerator (or anything with its process attributes), `dc` its
-    DataConfig.
-    """
-    data_dir = dc.data_dir
-    if data_dir is None:
-        size = render_size(resolution)
-        if accelerator.is_local_main_process:
-            if not builtin_faces_dir(dc.builtin_faces, size, dc.cache_dir).is_dir():
-                print(f"rendering {dc.builtin_faces} built-in faces (once) ...", flush=True)
-            ensure_builtin_faces(dc.builtin_faces, size, dc.cache_dir)
-        accelerator.wait_for_everyone()
-        data_dir = ensure_builtin_faces(dc.builtin_faces, size, dc.cache_dir)
-    try:
-        folder = survey_folder(data_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(str(err)) from None
-
-    files = folder.files
-    rank, world = accelerator.process_index, accelerator.num_processes
-    cache_dir = dc.cache_dir or default_cache_dir()
-    cache = scan_cache_path(cache_dir, files, dc.crop_box, f"{rank}of{world}")
-    workers = max(1, available_cpus() // local_processes())
-    found = scan_images(files[rank::world], dc.crop_box, workers=workers, cache_path=cache)
-    bad = _all_processes(found)
-    if bad:
-        files = _without_bad_images(accelerator, dc.on_bad_image, folder, bad, out_dir)
-    accelerator.print(f"data: {folder.describe(files)}")
-    return Path(data_dir), files
-
-
-def _without_bad_images(accelerator, on_bad_image: str, folder: ImageFolder, bad, out_dir):
-    """The usable files once the `bad` ones ({path: reason}) are listed in OUT/bad_images.txt,
-    or a UserError naming them (on_bad_image "error", or none left)."""
-    files, data_dir = folder.files, folder.root
-    listing = out_dir / BAD_IMAGES_FILE
-    if accelerator.is_main_process:
-        lines = "".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items()))
-        write_text_atomically(listing, lines)
-    first = "; ".join(f"{Path(p).name}: {r}" for p, r in sorted(bad.items())[:3])
-    summary = f"{len(bad)} of {len(files)} images in {data_dir} cannot be used ({first}"
-    summary += ", ...)" if len(bad) > 3 else ")"
-    if on_bad_image == "error":
-        raise UserError(
-            f"{summary}, all listed in {listing}: fix or remove them, or pass "
-            "--on-bad-image skip to train on the rest"
-        )
-    usable = [f for f in files if f not in bad]
-    if not usable:
-        raise UserError(f"{summary}: no usable image is left in {data_dir}")
-    accelerator.print(f"skipping {summary}; listed in {listing}")
-    return usable
-
-
-def is_grayscale(path: str) -> bool:
-    """Whether a file holds a grayscale image, from its header alone (PIL decodes no pixels)."""
-    try:
-        with Image.open(path) as image:
-            return image.mode in GRAY_MODES
-    except (OSError, SyntaxError, ValueError):  # the scan has named any bad file already
-        return False
-
-
-def count_channels(files: list[str], workers: int | None = None) -> int:
-    """1 if every file is a grayscale image, else 3. Headers only, read in parallel; it stops at
-    the first colour image, so colour data costs a few reads."""
-    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
-        for start in range(0, len(files), HEADERS_PER_ROUND):
-            if not all(pool.map(is_grayscale, files[start : start + HEADERS_PER_ROUND])):
-                return 3
-    return 1
-
-
-def _from_main_process(value):
-    """The main process's `value` on every process (`value` itself without a process group)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return value
-    shared = [value]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
-def resolve_channels(accelerator, requested: str, files: list[str]) -> int:
-    """The channel count to train on, the same on every process: `requested` ("1" or "3"), or
-    for "auto" 1 when every image in `files` is grayscale, else 3 (read by the main process)."""
-    if requested != "auto":
-        return int(requested)
-    found = count_channels(files) if accelerator.is_main_process else None
-    return _from_main_process(found)
-
-
-def steps_per_epoch(num_files: int, num_shards: int, batch_size: int) -> int:
-    """Steps in one epoch, the same on every process: the last global batch is filled up."""
-    return math.ceil(num_files / (num_shards * batch_size))
-
-
-def epoch_order(num_files: int, epoch: int, seed: int, global_batch: int) -> np.ndarray:
-    """The global sample order of one epoch: a permutation wrapped to whole global batches."""
-    rng = np.random.default_rng([seed, epoch])
-    steps = math.ceil(num_files / global_batch)
-    return np.resize(rng.permutation(num_files), steps * global_batch)
-
-
-def epoch_flips(length: int, epoch: int, seed: int) -> np.ndarray:
-    """Per-position horizontal-flip decisions of one epoch (independent of the order's RNG)."""
-    return np.random.default_rng([seed, epoch, 1]).integers(0, 2, length, dtype=np.int32)
-
-
-def shard_layout(
-    order: np.ndarray, num_shards: int, batch_size: int, start_step: int
-) -> np.ndarray:
-    """Rearrange a global order so that contiguous shard r holds process r's batches from
-    `start_step` on: [steps, shards, batch] -> [shards, steps, batch]."""
-    blocks = order.reshape(-1, num_shards, batch_size)[start_step:]
-    return blocks.transpose(1, 0, 2).reshape(-1)
 
 
 def dali_device_id(device: torch.device) -> int | None:
@@ -538,8 +207,7 @@ class ImageLoader:
         if self.cache is not None:
             yield from self._cached_epoch(epoch, start_step)
             return
-        global_batch = self.num_shards * self.batch_size
-        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
+        order = epoch_order(len(self.files), epoch, self.seed, self.num_shards, self.batch_size)
         flips = epoch_flips(len(order), epoch, self.seed)
         layout = shard_layout(order, self.num_shards, self.batch_size, start_step)
         files = [self.files[i] for i in layout]
@@ -577,8 +245,7 @@ class ImageLoader:
     def _cached_epoch(self, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
         """The streaming pipeline's batches, cut from the cache: indices and flips go to the
         device once per epoch, so a batch costs no host-device sync."""
-        global_batch = self.num_shards * self.batch_size
-        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
+        order = epoch_order(len(self.files), epoch, self.seed, self.num_shards, self.batch_size)
         cache = self.cache
         indices = torch.from_numpy(self._share(order, start_step)).to(cache.device)
         if self.flip:
@@ -604,15 +271,13 @@ class ImageLoader:
 
     def epoch_files(self, epoch: int, start_step: int = 0) -> list[str]:
         """The files this process reads in `epoch` from `start_step`, in order."""
-        global_batch = self.num_shards * self.batch_size
-        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
+        order = epoch_order(len(self.files), epoch, self.seed, self.num_shards, self.batch_size)
         return [self.files[i] for i in self._share(order, start_step)]
 
     def epoch_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(index into `files`, is-padding flag) of each sample this process reads in `epoch`, in
         order. Over all processes the non-padding samples are every file exactly once."""
-        global_batch = self.num_shards * self.batch_size
-        order = epoch_order(len(self.files), epoch, self.seed, global_batch)
+        order = epoch_order(len(self.files), epoch, self.seed, self.num_shards, self.batch_size)
         positions = self._share(np.arange(len(order)), 0)
         return order[positions], positions >= len(self.files)
 

@@ -17,11 +17,15 @@ import numpy as np
 import torch
 
 from distgan.config.model import ModelConfig
-from distgan.data.faces import default_cache_dir, ensure_builtin_faces, render_size
-from distgan.data.loader import dali_device_id, find_images
+from distgan.data.faces import ensure_builtin_faces, render_size
+from distgan.data.folder import find_images
+from distgan.data.loader import dali_device_id
 from distgan.errors import UserError, exit_on_user_error, first_line
-from distgan.metrics import fid as metrics
-from distgan.outputs.checkpoint import GENERATOR_WEIGHTS, load_generator
+from distgan.metrics.features import make_extractor
+from distgan.metrics.stats import SingleProcess, real_files, reference_stats, score
+from distgan.outputs.checkpoint import load_generator
+from distgan.outputs.generator_file import GENERATOR_WEIGHTS
+from distgan.runtime.paths import default_cache_dir
 
 SCORE_KEYS = ("fid", "kid_mean", "kid_std", "seconds")
 
@@ -34,14 +38,13 @@ class OnnxGenerator:
     def __init__(self, path: Path, device: torch.device):
         import onnxruntime as ort
 
+        from distgan.runtime.ort_providers import pick_providers
+
         if not path.is_file():
             raise UserError(
                 f"--onnx {path} does not exist: export one with `python -m export onnx`"
             )
-        cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        )
+        providers = pick_providers("auto" if device.type == "cuda" else "cpu")
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as err:
@@ -148,14 +151,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     except (OSError, ValueError) as err:
         raise UserError(str(err)) from None
 
-    extractor = metrics.make_extractor(args.features, args.inception_weights, device)
-    dist = metrics.SingleProcess()
+    extractor = make_extractor(args.features, args.inception_weights, device)
+    dist = SingleProcess()
     pipeline = {"resolution": config.resolution, "crop_box": crop_box, "num_threads": 2}
     pipeline["channels"] = config.channels  # a gray model is scored against gray real images
-    real = metrics.reference_stats(
+    real = reference_stats(
         dist,
         extractor,
-        metrics.real_files(files, args.real_num),
+        real_files(files, args.real_num),
         cache_dir=cache_dir or default_cache_dir(),
         log=lambda line: print(line, file=sys.stderr),  # stdout is the result's JSON line
         batch_size=args.batch_size,
@@ -169,7 +172,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     subject = next(iter(generators))  # the model asked about; any other is its reference
     options = {"batch_size": args.batch_size, "seed": args.seed, "device": device}
     for name, generator in generators.items():
-        scored = metrics.score(dist, extractor, generator, real, count=args.num, **options)
+        scored = score(dist, extractor, generator, real, count=args.num, **options)
         if name == subject:
             result.update(scored)
         else:

@@ -72,10 +72,14 @@ class Generator(nn.Module):
     @classmethod
     def from_pretrained(cls, folder_or_repo_id, *, revision: str | None = None) -> Generator:
         """G in eval mode from a distgan model folder (a run's hub/) or a Hugging Face Hub repo
-        id holding one (downloaded and cached); see distgan/outputs/hub.py."""
-        from distgan.outputs.hub import load_pretrained  # here: this module stays plain torch
+        id holding one (downloaded and cached); see distgan/outputs/model_folder.py."""
+        # Here, not at the top: this module stays plain torch (model_folder imports no models).
+        from distgan.outputs.model_folder import read_model_folder
 
-        return load_pretrained(folder_or_repo_id, revision=revision)
+        files = read_model_folder(folder_or_repo_id, revision=revision)
+        generator = cls(files.config)
+        files.load_into(generator)
+        return generator.eval().requires_grad_(False)
 
 
 class Discriminator(nn.Module):

@@ -1,4 +1,5 @@
-"""Checkpoints (the whole training state, for resuming) and the standalone generator file.
+"""Checkpoints (the whole training state, for resuming) and the standalone generator file
+(written here; read by generator_file.py, and loaded into a Generator here).
 
 A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding what `accelerator.save_state` writes
 (G, D, both optimizers, the fp16 scaler, every process's RNG), the EMA generator as safetensors,
@@ -33,15 +34,18 @@ from distgan.errors import UserError, first_line
 from distgan.models.dcgan import Generator
 from distgan.models.ema import EMA
 from distgan.outputs.checksums import Damaged, write_checksums
+from distgan.outputs.generator_file import (
+    GENERATOR_FORMAT,
+    GENERATOR_META,
+    GENERATOR_WEIGHTS,
+    read_generator_files,
+)
 from distgan.runtime.files import write_atomically, write_json_atomically
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 # Accelerate's names for the prepared models of a checkpoint, in the order train.py prepares them.
 CHECKPOINT_G, CHECKPOINT_D = "model.safetensors", "model_1.safetensors"
-GENERATOR_WEIGHTS = "generator.safetensors"
-GENERATOR_META = "generator.json"
-GENERATOR_FORMAT = "distgan-generator"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 DAMAGED_FIX = (
     "resume from another checkpoint (--resume PATH, or --resume auto for the newest intact one) "
@@ -295,28 +299,7 @@ def load_generator(path: str | Path, meta_name: str = GENERATOR_META) -> tuple[G
     """A Generator in eval mode from `generator.safetensors` (or the run folder holding it), and
     the contents of its `generator.json` (`meta_name`: the same file under another name, as
     config.json in a Hub model folder)."""
-    path = Path(path)
-    weights_path = path / GENERATOR_WEIGHTS if path.is_dir() else path
-    meta_path = weights_path.with_name(meta_name)
-    if not weights_path.is_file():
-        raise UserError(
-            f"{weights_path} does not exist: pass a run folder or its {GENERATOR_WEIGHTS}"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != GENERATOR_FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}")
-        config = ModelConfig.from_dict(meta["model"])
-    except FileNotFoundError:
-        raise UserError(f"{meta_path} is missing: keep it next to {weights_path.name}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{meta_path} is not a distgan generator description ({err})") from None
-    generator = Generator(config)
-    try:
-        generator.load_state_dict(load_file(str(weights_path)))
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise UserError(
-            f"{weights_path} does not hold the weights {meta_path.name} describes "
-            f"({first_line(err)})"
-        ) from None
-    return generator.eval().requires_grad_(False), meta
+    files = read_generator_files(path, meta_name)
+    generator = Generator(files.config)
+    files.load_into(generator)
+    return generator.eval().requires_grad_(False), files.meta

@@ -1,11 +1,11 @@
 """Hugging Face Hub model folders: a run's final (EMA) generator as `RUN/hub/` (config.json,
-model.safetensors, a model card README.md showing the final sample grid), loading one back
-(`Generator.from_pretrained`), and `python -m distgan.outputs.hub {save,push}`.
+model.safetensors, a model card README.md showing the final sample grid: model_card.py), and
+`python -m distgan.outputs.hub {save,push}`. Loading one back is `Generator.from_pretrained`
+(model_folder.py).
 
 The folder is written by the main process into a staging folder that is renamed into place when
 complete. An existing folder is replaced only when distgan wrote it and nothing in it changed
 since (its manifest of file hashes says so): a card the user edited is never overwritten.
-Loading reads safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -15,159 +15,33 @@ import json
 import shutil
 from pathlib import Path
 
-from huggingface_hub import (
-    CommitOperationAdd,
-    EvalResult,
-    ModelCard,
-    ModelCardData,
-    create_commit,
-    create_repo,
-    get_token,
-    snapshot_download,
-)
+from huggingface_hub import CommitOperationAdd, create_commit, create_repo, get_token
 from huggingface_hub.errors import HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
 
-from distgan import __version__
-from distgan.config.sections import Config, saved_run_config
+from distgan.config.config import Config, saved_run_config
 from distgan.errors import UserError, exit_on_user_error, first_line
 from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import (
-    GENERATOR_META,
-    GENERATOR_WEIGHTS,
     TrainerState,
     list_checkpoints,
     load_checkpoint_ema,
-    load_generator,
     read_trainer_state,
     save_generator,
 )
 from distgan.outputs.checksums import sha256_of
-from distgan.outputs.report import read_jsonl
+from distgan.outputs.generator_file import GENERATOR_META, GENERATOR_WEIGHTS
+from distgan.outputs.model_card import (
+    CARD_FILE,
+    REPO_PLACEHOLDER,
+    SAMPLES_FILE,
+    final_score,
+    model_card,
+)
+from distgan.outputs.model_folder import CONFIG_FILE, HUB_DIR, WEIGHTS_FILE
 from distgan.runtime.files import write_atomically, write_json_atomically, write_text_atomically
 
-HUB_DIR = "hub"  # in a run folder
-CONFIG_FILE = "config.json"  # generator.json's contents, under the Hub's name
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "README.md"
-SAMPLES_FILE = "samples.png"
 MANIFEST_FILE = ".distgan-manifest.json"  # what distgan wrote: {name: sha256}; never uploaded
-LIBRARY = "distgan"
-PIPELINE_TAG = "unconditional-image-generation"
-TAGS = ["dcgan", "gan", "pytorch", "safetensors"]
-REPO_PLACEHOLDER = "USER/NAME"  # in the card; `push` puts the repo id in its place
-BUILTIN_DATA = "built-in faces"
-
-
-def data_label(cfg: Config) -> str:
-    """What the card calls the training data: the data folder's name, or the built-in faces."""
-    return Path(cfg.data.data_dir).name if cfg.data.data_dir else BUILTIN_DATA
-
-
-def final_score(run_dir: Path, step: int) -> dict | None:
-    """The FID/KID that training measured for the generator of `step` with the Inception
-    features (none: pixel features are a smoke test, not FID), from metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    records = read_jsonl(path) if path.is_file() else []
-    scored = [
-        r
-        for r in records
-        if r.get("step") == step
-        and "fid" in r
-        and str(r.get("feature_extractor", "")).startswith("inception")
-    ]
-    return scored[-1] if scored else None
-
-
-def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: bool) -> ModelCard:
-    """The card: metadata the Hub indexes (YAML) and a page saying what the model is, how it was
-    trained, how well it scores and how to use it."""
-    model, tc = state.model, cfg.train
-    data = data_label(cfg)
-    metadata = {
-        "resolution": model.resolution,
-        "channels": model.channels,
-        "z_dim": model.z_dim,
-        "z_distribution": model.z_distribution,
-        "training_data": data,
-        "steps": state.step,
-        "images_seen": state.images_seen,
-        "distgan_version": __version__,
-    }
-    results = None
-    if score is not None:
-        metadata.update(fid=round(score["fid"], 4), kid=round(score["kid_mean"], 6))
-        common = {"task_type": PIPELINE_TAG, "dataset_type": data, "dataset_name": data}
-        counts = {"n_fake": score["n_fake"], "n_real": score["n_real"], "features": "inception-v3"}
-        results = [
-            EvalResult(
-                **common,
-                metric_type=key,
-                metric_name=key.upper(),
-                metric_value=metadata[key],
-                metric_args=counts,
-            )
-            for key in ("fid", "kid")
-        ]
-    card_data = ModelCardData(
-        library_name=LIBRARY,
-        pipeline_tag=PIPELINE_TAG,
-        tags=TAGS,
-        model_name=name if results else None,  # the model-index's name; alone it says nothing
-        eval_results=results,
-        **metadata,
-    )
-    colour = "grayscale" if model.channels == 1 else "RGB"
-    z_law = "U[-1, 1]" if model.z_distribution == "uniform" else "N(0, 1)"
-    lines = [f"# {name}", ""]
-    lines += [
-        f"A DCGAN generator ({model.resolution}x{model.resolution} {colour} images from a "
-        f"{model.z_dim}-d latent z ~ {z_law}) trained with distgan on {data}: the exponential "
-        "moving average (EMA) of the generator's weights at the end of training.",
-        "",
-    ]
-    if samples:
-        lines += [
-            f"![Samples of the EMA generator at step {state.step}]({SAMPLES_FILE})",
-            "",
-            f"*The EMA generator at step {state.step}, on the run's fixed z.*",
-            "",
-        ]
-    measured = (
-        f"FID {score['fid']:.2f}, KID {score['kid_mean']:.4f} ({score['n_fake']} generated vs "
-        f"{score['n_real']} real images, Inception-v3 features)"
-        if score
-        else "not measured at the last step (train with `--eval-every`)"
-    )
-    minutes = state.wall_time / 60
-    took = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
-    lines += [
-        "## Training",
-        "",
-        f"- Data: {data}, at {model.resolution}x{model.resolution}",
-        f"- Steps: {state.step} ({state.images_seen:,} images, global batch "
-        f"{state.global_batch or tc.batch_size}), {took} of training",
-        f"- Loss {tc.loss}, Adam lr G {tc.lr_g:g} / D {tc.lr_d:g}, betas ({tc.beta1:g}, "
-        f"{tc.beta2:g}), EMA decay {tc.ema_decay:g}, precision {state.precision or 'no'}",
-        f"- Generator width {model.g_channels}, discriminator width {model.d_channels}",
-        f"- Scores: {measured}",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from distgan.models.dcgan import Generator, sample_latents",
-        "",
-        f'generator = Generator.from_pretrained("{REPO_PLACEHOLDER}")  # or a local folder',
-        "images = generator(sample_latents(generator.config, 16))  # [16, C, H, W] in [-1, 1]",
-        "```",
-        "",
-        f"Fine-tune it on a folder of images: `python launch/train.py --init-from "
-        f"{REPO_PLACEHOLDER} --data-dir DIR`. Where the repository holds an ONNX export: "
-        "`python -m export generate --model FILE.onnx --num 16 --out-dir faces` (onnxruntime "
-        "only).",
-        "",
-    ]
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def replaceable(folder: Path) -> bool:
@@ -252,53 +126,6 @@ def save_from_run(run_dir: str | Path, out=None) -> Path:
     return save_model_folder(run_dir, generator, cfg, state, out)
 
 
-def local_folder(source: str, revision: str | None = None) -> Path:
-    """The folder `source` names: a local one, or a Hub repo's files (config.json and
-    model.safetensors only), downloaded into the Hugging Face cache."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(
-                f"{source} is a file: pass a distgan model folder ({CONFIG_FILE} + "
-                f"{WEIGHTS_FILE}, such as RUN/{HUB_DIR}) or a Hub repo id"
-            )
-        return path
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise UserError(
-            f"{source} does not exist, and is not a Hub repo id (user/name) either"
-        ) from None
-    try:
-        downloaded = snapshot_download(
-            source,
-            revision=revision,
-            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
-            library_name=LIBRARY,
-            library_version=__version__,
-        )
-    except (OSError, ValueError, HTTPError) as err:
-        raise UserError(
-            f"could not download {source} from the Hugging Face Hub ({first_line(err, 160)}): "
-            "check the name and the network (a private repo needs `hf auth login`)"
-        ) from None
-    return Path(downloaded)
-
-
-def load_pretrained(source: str | Path, *, revision: str | None = None) -> Generator:
-    """A Generator in eval mode from a distgan model folder or a Hub repo id holding one
-    (`Generator.from_pretrained`): safetensors weights and a JSON config, nothing unpickled."""
-    folder = local_folder(str(source), revision)
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
-    if missing:
-        raise UserError(
-            f"{source} is not a distgan model folder (no {' or '.join(missing)}): pass a folder "
-            f"distgan wrote (RUN/{HUB_DIR}, `distgan hub save RUN`) or its Hub repo id"
-        )
-    generator, _ = load_generator(folder / WEIGHTS_FILE, meta_name=CONFIG_FILE)
-    return generator
-
-
 def upload_set(path: str | Path, onnx=()) -> dict[str, Path]:
     """What `push` uploads, by name in the repository: the model folder's files (hidden ones, the
     manifest, stay home), and ONNX exports: the files given, else a run's own `RUN/*.onnx`.
@@ -310,7 +137,7 @@ def upload_set(path: str | Path, onnx=()) -> dict[str, Path]:
             f"{path} has no model folder ({HUB_DIR}/{CONFIG_FILE}): write it with "
             f"`python -m distgan.outputs.hub save {path}`"
         )
-    load_pretrained(folder)  # a broken folder is never uploaded
+    Generator.from_pretrained(folder)  # a broken folder is never uploaded
     files = {}
     for file in sorted(folder.rglob("*")):
         name = file.relative_to(folder).as_posix()

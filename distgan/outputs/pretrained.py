@@ -17,20 +17,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from distgan.config.config import Config
 from distgan.config.model import ModelConfig
-from distgan.config.sections import Config
 from distgan.errors import UserError, first_line
+from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import (
     CHECKPOINT_D,
     CHECKPOINT_G,
     EMA_FILE,
-    GENERATOR_META,
     STATE_FILE,
     list_checkpoints,
     load_generator,
     read_trainer_state,
 )
-from distgan.outputs.hub import load_pretrained
+from distgan.outputs.generator_file import GENERATOR_META
 
 # The model fields that shape only D: free to set when the source has no D (D starts fresh).
 D_ONLY_FIELDS = frozenset({"d_channels", "d_spectral_norm", "d_dropout", "leaky_slope", "init"})
@@ -99,7 +99,7 @@ def read_starting_weights(source: str) -> StartingWeights:
         if (path / GENERATOR_META).is_file():
             generator, _ = load_generator(path)
         else:
-            generator = load_pretrained(source)
+            generator = Generator.from_pretrained(source)
     except UserError as err:
         raise UserError(
             f"--init-from: {err} (it takes a run, a checkpoints/step-* folder, a generator "

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 from accelerate.utils import broadcast_object_list, is_wandb_available
 
-from distgan.config.sections import Config
+from distgan.config.config import Config
 from distgan.errors import UserError, first_line
 
 PROJECT = "distgan"  # the W&B project

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from distgan.config.sections import parse_args
+from distgan.config.flags import parse_args
 from distgan.errors import RunStopped, UserError
 
 

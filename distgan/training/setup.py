@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from accelerate import (
 )
 from tqdm.auto import tqdm
 
+from distgan.config.config import Config, resume_config, saved_run_config
 from distgan.config.model import ModelConfig
-from distgan.config.sections import Config, TrainConfig, resume_config, saved_run_config
+from distgan.config.sections import FailuresConfig
 from distgan.data.loader import ImageLoader
 from distgan.errors import UserError
 from distgan.outputs.checkpoint import TrainerState, load_checkpoint
@@ -31,14 +33,14 @@ PROGRESS_TO_FILE_SECONDS = 60
 CHANGES_FILE = "changes.jsonl"  # settings changed on resume, with the step they took effect
 
 
-def start_processes(tc: TrainConfig) -> PartialState:
+def start_processes(failures: FailuresConfig) -> PartialState:
     """Accelerate's processes and their group, before the Accelerator (whose precision may come
     from the checkpoint the main process picks), which joins them."""
-    timeout = timedelta(seconds=tc.dist_timeout)
+    timeout = timedelta(seconds=failures.dist_timeout)
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
 
 
-def make_accelerator(tc: TrainConfig, mixed_precision: str) -> Accelerator:
+def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     """Accelerate's processes, DDP and autocast (in `mixed_precision`) as the config says."""
     # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which Accelerate's kwargs
     # handler cannot pass yet; its own text says to keep broadcast_buffers=False for local buffers.
@@ -47,9 +49,10 @@ def make_accelerator(tc: TrainConfig, mixed_precision: str) -> Accelerator:
     # on each forward would break autograd, so every process keeps its own BN statistics.
     handlers = [
         DistributedDataParallelKwargs(broadcast_buffers=False),
-        InitProcessGroupKwargs(timeout=timedelta(seconds=tc.dist_timeout)),
+        InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.failures.dist_timeout)),
     ]
-    trackers = make_trackers(tc.report_to, Path(tc.out_dir))  # started on the main process
+    outputs = cfg.outputs
+    trackers = make_trackers(outputs.report_to, Path(outputs.out_dir))  # main process only
     return Accelerator(
         mixed_precision=mixed_precision,
         cpu=not torch.cuda.is_available(),  # without it, CPU processes would not form a group
@@ -68,7 +71,7 @@ def config_for_resume(cfg: Config, checkpoint: Path, model: ModelConfig):
         cfg, changes = resume_config(saved_run_config(saved_toml), cfg)
     if not saved_toml.is_file() and model != cfg.model:
         note = f"note: resuming {checkpoint} (its run has no config.toml): the model comes from it"
-    return Config(model=model, data=cfg.data, train=cfg.train, given=cfg.given), changes, note
+    return replace(cfg, model=model), changes, note
 
 
 def resume(accelerator, checkpoint: Path, saved: TrainerState, gan: GAN, tc, changes):

@@ -147,41 +147,42 @@ class Evaluation(Task):
         """The feature extractor and the real statistics (cached), before the loop."""
         if not self.every:
             return
-        from distgan.data.faces import default_cache_dir
-        from distgan.metrics import fid as metrics  # here: only runs that evaluate load FID
+        from distgan.metrics.features import make_extractor  # here: only runs that evaluate
+        from distgan.metrics.stats import real_files, reference_stats
+        from distgan.runtime.paths import default_cache_dir
 
-        tc, dc, accelerator = self.cfg.train, self.cfg.data, self.accelerator
-        self.extractor = metrics.make_extractor(
-            tc.eval_features, tc.inception_weights, accelerator.device
+        ec, dc, accelerator = self.cfg.eval, self.cfg.data, self.accelerator
+        self.extractor = make_extractor(
+            ec.eval_features, ec.inception_weights, accelerator.device
         )
-        self.real_stats = metrics.reference_stats(
+        self.real_stats = reference_stats(
             accelerator,
             self.extractor,
-            metrics.real_files(files, tc.eval_real_num),
+            real_files(files, ec.eval_real_num),
             cache_dir=dc.cache_dir or default_cache_dir(),
             log=accelerator.print,
             resolution=self.cfg.model.resolution,
             crop_box=dc.crop_box,
-            batch_size=tc.batch_size,
+            batch_size=self.cfg.train.batch_size,
             num_threads=dc.num_threads,
             device_id=device_id,
             channels=self.cfg.model.channels,
         )
 
     def run(self, state: TrainerState, verdict: Agreement) -> None:
-        from distgan.metrics import fid as metrics
+        from distgan.metrics.stats import score
 
         tc, ema = self.cfg.train, self.gan.ema.module
         # One generator for all processes: main's BN statistics (the weights are identical).
         for buffer in ema.buffers():
             buffer.copy_(broadcast(buffer.clone(), from_process=0))
         options = {"batch_size": tc.batch_size, "seed": tc.seed + 1}
-        result = metrics.score(
+        result = score(
             self.accelerator,
             self.extractor,
             ema,
             self.real_stats,
-            count=tc.eval_num,
+            count=self.cfg.eval.eval_num,
             device=self.accelerator.device,
             **options,
         )

@@ -17,8 +17,9 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
-from distgan.config.sections import Config
-from distgan.data.loader import ImageLoader, prepare_images, resolve_channels
+from distgan.config.config import Config
+from distgan.data.loader import ImageLoader
+from distgan.data.prepare import prepare_images, resolve_channels
 from distgan.errors import RunStopped, UserError, require_writable_dir
 from distgan.models.dcgan import sample_latents
 from distgan.outputs.checkpoint import (
@@ -65,7 +66,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, faults: Faults, processes: PartialState, lock, stop):
         self.faults, self.lock, self.stop = faults, lock, stop
-        self.out_dir = Path(cfg.train.out_dir)
+        self.out_dir = Path(cfg.outputs.out_dir)
         self.stopped_by: str | None = None
         self._choose_start(cfg, processes)
         self._start_accelerator()
@@ -79,7 +80,7 @@ class Trainer:
         or the weights a new run starts from (--init-from)."""
         checkpoints = self.out_dir / "checkpoints"
         resume_from = main_decides(
-            processes, lambda: find_resume_point(cfg.train.resume, checkpoints)
+            processes, lambda: find_resume_point(cfg.outputs.resume, checkpoints)
         )
         self.resume_from, self.saved, self.changes, self.note, self.start = (
             resume_from,
@@ -93,8 +94,10 @@ class Trainer:
             cfg, self.changes, self.note = setup.config_for_resume(
                 cfg, resume_from, self.saved.model
             )
-        elif cfg.train.init_from:  # a new run from trained weights (a resume goes on from its own)
-            self.start = read_starting_weights(cfg.train.init_from)
+        elif (
+            cfg.outputs.init_from
+        ):  # a new run from trained weights (a resume goes on from its own)
+            self.start = read_starting_weights(cfg.outputs.init_from)
             cfg, self.note = config_from_source(cfg, self.start), self.start.describe()
         self.cfg = cfg
 
@@ -108,7 +111,7 @@ class Trainer:
         self.precision = choose_precision(tc.mixed_precision)
         if self.saved is not None and tc.mixed_precision == "auto" and self.saved.precision:
             self.precision = resumed_precision(self.precision, self.saved.precision)
-        self.accelerator = setup.make_accelerator(tc, self.precision.name)
+        self.accelerator = setup.make_accelerator(self.cfg, self.precision.name)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
             require_writable_dir(self.out_dir, "out_dir")
@@ -136,7 +139,7 @@ class Trainer:
         self.total_steps = tc.max_steps or tc.epochs * self.loader.steps_per_epoch
         self.gan = build_gan(accelerator, model_cfg, tc, self.start)
         seeded = torch.Generator().manual_seed(tc.seed)
-        self.fixed_z = sample_latents(model_cfg, tc.num_samples, generator=seeded)
+        self.fixed_z = sample_latents(model_cfg, self.cfg.outputs.num_samples, generator=seeded)
         self.fixed_z = self.fixed_z.to(accelerator.device)
         if self.resume_from is not None:
             args = (accelerator, self.resume_from, self.saved, self.gan, tc, self.changes)
@@ -150,20 +153,28 @@ class Trainer:
         self.progress = setup.progress_bar(self.total_steps, self.state.step, enabled=self.is_main)
 
     def _build_tasks(self) -> None:
-        tc, accelerator, gan = self.cfg.train, self.accelerator, self.gan
+        tc, outputs, accelerator, gan = self.cfg.train, self.cfg.outputs, self.accelerator, self.gan
         self.log = RunLog(self.is_main, self.progress, self.out_dir, self.tracking)
         self.watch = NonfiniteWatch(accelerator.device)
         self.speed = Throughput(self.global_batch, self.state, tc.compile, accelerator.print)
         per_epoch = self.loader.steps_per_epoch
         self.metrics_log = MetricsLog(
-            tc.log_every, self.log, gan, self.speed, self.watch, per_epoch
+            outputs.log_every, self.log, gan, self.speed, self.watch, per_epoch
         )
-        evaluation = Evaluation(tc.eval_every, accelerator, self.log, gan, self.cfg, self.out_dir)
+        evaluation = Evaluation(
+            self.cfg.eval.eval_every, accelerator, self.log, gan, self.cfg, self.out_dir
+        )
         evaluation.prepare(self.files, self.loader.device_id)
-        samples = Samples(tc.sample_every, self.log, gan, self.fixed_z, self.out_dir)
+        samples = Samples(outputs.sample_every, self.log, gan, self.fixed_z, self.out_dir)
         checkpoints = self.out_dir / "checkpoints"
         saves = Checkpoints(
-            tc.ckpt_every, accelerator, gan, self.speed, tc.keep_checkpoints, checkpoints, self.lock
+            outputs.ckpt_every,
+            accelerator,
+            gan,
+            self.speed,
+            outputs.keep_checkpoints,
+            checkpoints,
+            self.lock,
         )
         self.maintenance = [evaluation, samples, saves]  # in this order, with the clock paused
         self.gate = Gate([self.metrics_log, *self.maintenance])
@@ -206,10 +217,7 @@ class Trainer:
                         self.metrics_log.run(self.state, verdict)
                     if self.roll_back_if_diverged(verdict):
                         break  # restart the data stream at the checkpoint's position
-                    with self.speed.paused():
-                        for task in self.maintenance:
-                            if task.due(step, last, stopping):
-                                task.run(self.state, verdict)
+                    self.maintain(verdict, last, stopping)
                     if stopping:
                         self.stopped_by = None if last else verdict.stop  # at the end: finished
                         break
@@ -224,7 +232,9 @@ class Trainer:
         """The hot path: the learning rates, one GAN step and the counters; no host sync."""
         state, tc = self.state, self.cfg.train
         if self.is_main and state.step == 0:
-            save_grid(real[: tc.num_samples].clone(), self.out_dir / "samples" / "real.png")
+            save_grid(
+                real[: self.cfg.outputs.num_samples].clone(), self.out_dir / "samples" / "real.png"
+            )
         poison = self.faults.poison(state.step + 1)
         if tc.lr_schedule != "constant":
             factor = lr_factor(tc.lr_schedule, state.step, self.total_steps)
@@ -238,6 +248,13 @@ class Trainer:
         self.faults.check(self.accelerator.process_index, state.step)
         return out
 
+    def maintain(self, verdict: Agreement, last: bool, stopping: bool) -> None:
+        """The maintenance tasks that are due, in order, with the throughput clock paused."""
+        with self.speed.paused():
+            for task in self.maintenance:
+                if task.due(self.state.step, last, stopping):
+                    task.run(self.state, verdict)
+
     def reach_agreement(self, out) -> Agreement:
         """The gate's one collective (training/stats.py), and ADA's update from it."""
         gan = self.gan
@@ -250,8 +267,8 @@ class Trainer:
         """Too many non-finite steps in a row, or G's BatchNorm statistics poisoned (agreed by all
         processes): back to the last good checkpoint with lower learning rates (True), or
         RunStopped, as configured; False while the run is healthy."""
-        tc, state, watch = self.cfg.train, self.state, self.watch
-        why = divergence(verdict, state.step, tc.nonfinite_limit)
+        tc, failures, state, watch = self.cfg.train, self.cfg.failures, self.state, self.watch
+        why = divergence(verdict, state.step, failures.nonfinite_limit)
         if why is None:
             return False
         # The main process's view of the folder decides for all: file systems may lag elsewhere.
@@ -259,13 +276,13 @@ class Trainer:
         good = broadcast_object_list(newest or [None])[0]
         if watch.rollbacks == MAX_ROLLBACKS:
             why += f", again after {MAX_ROLLBACKS} rollbacks"
-        if tc.on_nonfinite == "stop" or not good or watch.rollbacks == MAX_ROLLBACKS:
+        if failures.on_nonfinite == "stop" or not good or watch.rollbacks == MAX_ROLLBACKS:
             kept = f"the last good checkpoint is {good}" if good else "no checkpoint yet"
             raise RunStopped(f"{why}; {kept}: lower --lr-g/--lr-d, or --on-nonfinite rollback")
         watch.rollbacks += 1
         watch.reset()
         restored = load_checkpoint(self.accelerator, good, self.gan.ema)  # RNG states included
-        restored.lr_scale = state.lr_scale * tc.rollback_lr_factor
+        restored.lr_scale = state.lr_scale * failures.rollback_lr_factor
         restored.best_fid, restored.best_step = state.best_fid, state.best_step  # best/ holds it
         self.gan.set_learning_rates(tc, restored.lr_scale)
         self.gan.augment.restore(restored.aug_p)
@@ -316,14 +333,14 @@ def train(cfg: Config, faults: Faults | None = None) -> Path:
     """Train G and D as `cfg` says; return the output folder. Works under `accelerate launch`
     with any number of processes and under plain `python`. `faults`: injected failures (tests)."""
     faults = faults or Faults()
-    out_dir = Path(cfg.train.out_dir)
+    out_dir = Path(cfg.outputs.out_dir)
     stop = StopRequest(out_dir)  # first: a stop asked for during the set-up is not lost
     stop.install(under_launcher=launched())
     require_usable_cuda()  # else a GPU node would silently train as CPU processes
     require_one_dali_build()
     # The processes first: the main process alone takes the run folder's lock (a second trainer
     # on it stops here) and picks the checkpoint; every process follows.
-    processes = setup.start_processes(cfg.train)
+    processes = setup.start_processes(cfg.failures)
     lock = RunLock(out_dir)
     main_decides(processes, lock.acquire)
     try:  # whatever ends the run, the lock and its heartbeat go (a no-op off the main process)

@@ -27,7 +27,7 @@ from bench.quality_features import (
 )
 from bench.quality_metrics import coverage
 from distgan.data.faces import PARAMETER_GROUPS, PARAMETER_NAMES, builtin_faces_dir
-from distgan.data.loader import find_images
+from distgan.data.folder import find_images
 from distgan.errors import UserError
 from tests.helpers import run_module
 

@@ -1,25 +1,28 @@
-"""Config: defaults, TOML file, flags over the file, the documented --help, and one-line errors
+"""Config: defaults, TOML file (also one written before the sections split), flags over the file,
+each field's rules read from beside it, the documented --help, and one-line errors
 for bad values (non-finite numbers too), unknown keys (with a suggestion) and wrong types; and
 what a resumed run goes on with when flags change (applied, kept, or refused); the course's
 settings (--channels in [data], resolved into the model; --z-distribution, --init) as flags and
 file keys, fixed on resume."""
 
+import dataclasses
 import re
 import subprocess
 import sys
 
 import pytest
 
-from distgan.config.sections import (
+from distgan.config.config import (
+    FIELDS,
     SECTIONS,
     Config,
-    build_parser,
-    field_docs,
     load_toml,
-    parse_args,
+    make_config,
     resume_config,
     saved_run_config,
 )
+from distgan.config.flags import build_parser, field_docs, parse_args
+from distgan.config.rules import on_resume
 from distgan.errors import UserError
 
 
@@ -29,7 +32,7 @@ def test_defaults():
     assert config.train.lr_g == config.train.lr_d == 2e-4
     assert (config.train.beta1, config.train.beta2) == (0.5, 0.999)
     assert config.train.loss == "bce" and config.train.real_label == 0.9
-    assert config.train.resume == "auto" and config.data.data_dir is None
+    assert config.outputs.resume == "auto" and config.data.data_dir is None
 
 
 def test_flags_override_the_file(tmp_path):
@@ -161,7 +164,7 @@ def test_resume_applies_what_can_change_and_keeps_the_rest():
     assert config.train.lr_g == 1e-4 and config.train.max_steps == 50
     # Not given now: the run's own values, not the defaults (64 px, batch 64, bce).
     assert config.model.resolution == 32 and config.train.batch_size == 16
-    assert config.train.loss == "hinge" and config.train.out_dir == "runs/x"
+    assert config.train.loss == "hinge" and config.outputs.out_dir == "runs/x"
     assert resume_config(saved_run(), parse_args(["--resolution", "32"]))[1] == {}
 
 
@@ -217,3 +220,41 @@ def test_a_run_saved_before_augmentation_resumes_without_it(tmp_path):
     assert saved_run_config(path).train.augment == "none"
     # ... and one saved before DiffAugment's ops could be chosen used all three, the default.
     assert saved_run_config(path).train.diffaugment_ops == ["colour", "translation", "cutout"]
+
+
+def test_a_config_toml_from_before_the_sections_split_still_loads(tmp_path):
+    # Earlier versions wrote every training field under [train]; each now lives in its section.
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[train]\nout_dir = "runs/old"\nbatch_size = 16\nlog_every = 5\nckpt_every = 20\n'
+        'eval_every = 100\neval_features = "pixels"\nnonfinite_limit = 3\n'
+        'on_nonfinite = "stop"\ndist_timeout = 60\nresume = "none"\n'
+    )
+    config = saved_run_config(path)
+    assert config.outputs.out_dir == "runs/old" and config.outputs.resume == "none"
+    assert (config.outputs.log_every, config.outputs.ckpt_every) == (5, 20)
+    assert (config.eval.eval_every, config.eval.eval_features) == (100, "pixels")
+    assert (config.failures.nonfinite_limit, config.failures.on_nonfinite) == (3, "stop")
+    assert config.failures.dist_timeout == 60 and config.train.batch_size == 16
+    # Written again, each field goes to its own section, and reads back the same.
+    config.save_toml(tmp_path / "again.toml")
+    sections = load_toml(tmp_path / "again.toml")
+    assert "out_dir" in sections["outputs"] and "out_dir" not in sections["train"]
+    assert saved_run_config(tmp_path / "again.toml") == config
+
+
+def test_each_fields_rules_sit_beside_it():
+    # The checks read the rules from the fields: every field marked positive refuses 0 with its
+    # name, and every field marked fixed on resume is refused when a resume changes it.
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("positive"):
+                with pytest.raises(UserError, match=f"^{f.name}=0(\\.0)? is not allowed"):
+                    make_config(**{f.name: 0})
+    fixed = {name for name, f in FIELDS.items() if on_resume(f) == "fixed"}
+    assert {"batch_size", "seed", "loss", "data_dir", "resolution", "channels"} <= fixed
+    assert not fixed & {"lr_g", "max_steps", "log_every", "augment", "lr_schedule"}
+    saved = make_config(batch_size=16, seed=3)
+    for key, value in (("batch_size", 8), ("seed", 4), ("g_channels", 8), ("loss", "hinge")):
+        with pytest.raises(UserError, match=f"{key} .* -> "):
+            resume_config(saved, make_config(**{key: value}))

@@ -16,14 +16,16 @@ import torch
 from PIL import Image
 
 from distgan.data import loader as data_module
-from distgan.data.loader import (
-    ImageLoader,
-    dali_device_id,
-    epoch_order,
+from distgan.data.folder import (
+    IMAGE_EXTENSIONS,
+    count_channels,
     find_images,
-    memory_for_cache,
-    steps_per_epoch,
+    scan_images,
+    survey_folder,
 )
+from distgan.data.loader import ImageLoader, dali_device_id, memory_for_cache
+from distgan.data.order import epoch_order, steps_per_epoch
+from distgan.data.prepare import resolve_channels
 from tests.helpers import colour_index, solid_colour, write_images
 
 
@@ -115,7 +117,7 @@ def test_uneven_data_gives_every_rank_the_same_steps(tmp_path):
         counts.append(len(batches))
         assert all(b.shape[0] == 4 for b in batches)  # the last batch is filled, not dropped
     assert counts == [2, 2]
-    order = epoch_order(13, 0, 0, 8)
+    order = epoch_order(13, 0, 0, 2, 4)
     assert len(order) == 16 and set(order) == set(range(13))  # every image seen, 3 twice
 
 
@@ -277,13 +279,13 @@ def test_auto_channels_reads_headers_for_gray(tmp_path):
     Image.new("I;16", (20, 20), 3000).save(gray / "c.png")
     Image.new("1", (20, 20), 1).save(gray / "d.png")
     files = find_images(gray)
-    assert data_module.count_channels(files) == 1
-    assert data_module.resolve_channels(MainProcess(), "auto", files) == 1
-    assert data_module.resolve_channels(MainProcess(), "3", files) == 3
+    assert count_channels(files) == 1
+    assert resolve_channels(MainProcess(), "auto", files) == 1
+    assert resolve_channels(MainProcess(), "3", files) == 3
     # An RGB file is colour even when its pixels are gray: only the header counts.
     Image.new("RGB", (20, 20), (90, 90, 90)).save(gray / "e.jpg")
-    assert data_module.resolve_channels(MainProcess(), "auto", find_images(gray)) == 3
-    assert data_module.resolve_channels(MainProcess(), "1", find_images(gray)) == 1
+    assert resolve_channels(MainProcess(), "auto", find_images(gray)) == 3
+    assert resolve_channels(MainProcess(), "1", find_images(gray)) == 1
 
 
 def save_as(path, image: Image.Image) -> None:
@@ -292,7 +294,7 @@ def save_as(path, image: Image.Image) -> None:
     image.convert(mode).save(path)
 
 
-@pytest.mark.parametrize("extension", data_module.IMAGE_EXTENSIONS)
+@pytest.mark.parametrize("extension", IMAGE_EXTENSIONS)
 def test_every_accepted_format_decodes_in_dali(tmp_path, extension):
     # A solid colour (white for 1-bit PBM, gray for PGM) at 20x14 and a 1x1 image of another:
     # DALI decodes both (the 1x1 centred square is resized up), with the right colours.
@@ -301,7 +303,7 @@ def test_every_accepted_format_decodes_in_dali(tmp_path, extension):
     save_as(tmp_path / f"big{extension}", Image.new("RGB", (20, 14), big))
     save_as(tmp_path / f"tiny{extension.upper()}", Image.new("RGB", (1, 1), tiny))
     files = find_images(tmp_path)
-    assert len(files) == 2 and data_module.scan_images(files) == {}
+    assert len(files) == 2 and scan_images(files) == {}
     batch = next(loader(files, batch_size=2).epoch(0))
     lossy = extension in (".jpg", ".jpeg", ".webp")
     for path, image in zip(loader(files, batch_size=2).epoch_files(0), batch, strict=True):
@@ -320,7 +322,7 @@ def test_survey_counts_formats_and_names_skipped_files(tmp_path):
     for name in ("notes.txt", "thumbs.db", "part0/.DS_Store", "x.psd", "y.heic", "z"):
         (tmp_path / name).write_text("not for training")
     (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link is skipped too
-    folder = data_module.survey_folder(tmp_path)
+    folder = survey_folder(tmp_path)
     assert len(folder.files) == 9 and folder.files == sorted(folder.files)
     assert folder.describe() == (
         f"9 images (4 JPEG, 2 WebP, 1 BMP, 1 TIFF, 1 PNM) in {tmp_path}; skipped 8 files "
@@ -329,7 +331,7 @@ def test_survey_counts_formats_and_names_skipped_files(tmp_path):
     )
     webp = [f for f in folder.files if f.endswith(".webp")]
     assert folder.describe(webp).startswith("2 images (2 WebP) in")
-    clean = data_module.survey_folder(tmp_path / "part0")
+    clean = survey_folder(tmp_path / "part0")
     assert clean.describe() == f"4 images (3 JPEG, 1 TIFF) in {tmp_path / 'part0'}; " + (
         "skipped 1 file without an image extension: .DS_Store"
     )
@@ -356,7 +358,7 @@ def test_scan_flags_what_dali_cannot_decode(tmp_path):
     webp = (tmp_path / "good.webp").read_bytes()
     (tmp_path / "truncated.webp").write_bytes(webp[: len(webp) // 2])
     (tmp_path / "text.bmp").write_text("not a bitmap")
-    bad = {Path(p).name: r for p, r in data_module.scan_images(find_images(tmp_path)).items()}
+    bad = {Path(p).name: r for p, r in scan_images(find_images(tmp_path)).items()}
     assert sorted(bad) == [
         "anim.jpg",
         "bilevel.tif",
@@ -387,7 +389,7 @@ def test_odd_variants_of_the_formats_decode_right(tmp_path):
     red.convert("RGB").save(tmp_path / "lzw.tiff", compression="tiff_lzw")
     Image.fromarray(np.full((24, 24), 250 * 257, np.uint16)).save(tmp_path / "deep.pgm")
     files = find_images(tmp_path)
-    assert data_module.scan_images(files) == {}
+    assert scan_images(files) == {}
     batch = next(loader(files, batch_size=5).epoch(0))
     for path, image in zip(loader(files, batch_size=5).epoch_files(0), batch, strict=True):
         colour = (250, 250, 250) if path.endswith(".pgm") else (250, 10, 10)  # the first frame

@@ -28,19 +28,14 @@ from distgan.config.model import ModelConfig
 from distgan.errors import UserError
 from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import save_generator
+from distgan.runtime import ort_providers
+from distgan.runtime.ort_providers import pick_providers
 from export.__main__ import main as export_main
 from export.bench import bench, ort_side, torch_side
 from export.generate import Runner, generate, to_pixels
 from export.latents import latents
 from export.onnx_export import InferenceGenerator, cuda_session, export_onnx
-from export.runtime import (
-    FLOAT_OUTPUT,
-    UINT8_OUTPUT,
-    create_session,
-    model_info,
-    pick_providers,
-    session_device,
-)
+from export.runtime import FLOAT_OUTPUT, UINT8_OUTPUT, create_session, model_info, session_device
 from tests.helpers import REPO, linear_onnx_generator, run_module
 
 
@@ -309,8 +304,8 @@ def generate_with_a_gpu(model, out_dir, device: str) -> subprocess.CompletedProc
     """`python -m export generate` in a process without torch, on a machine whose driver reports
     one GPU (faked: this machine has none, so the provider's load can only fail on libcuda)."""
     code = (
-        "import sys\nimport export.runtime\n"
-        "export.runtime.cuda_device_count = lambda: 1\n"
+        "import sys\nimport distgan.runtime.ort_providers\n"
+        "distgan.runtime.ort_providers.cuda_device_count = lambda: 1\n"
         "from export.__main__ import main\n"
         "try:\n"
         f"    main(['generate', '--model', r'{model}', '--num', '2', '--out-dir', r'{out_dir}', '--device', '{device}'])\n"
@@ -502,11 +497,11 @@ def test_verify_checks_on_the_cpu_provider_and_reports_the_gpu_apart(tmp_path, m
 def pretend_cuda(monkeypatch):
     """What a GPU machine with a mismatched CUDA/cuDNN looks like to pick_providers: a driver
     that sees a GPU, and onnxruntime listing its CUDA provider (which then cannot load)."""
-    if export.runtime.cuda_device_count():
+    if ort_providers.cuda_device_count():
         pytest.skip("a real GPU is here: its CUDA provider may well load")
-    monkeypatch.setattr(export.runtime, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(ort_providers, "cuda_device_count", lambda: 1)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(export.runtime.ort, "get_available_providers", lambda: providers)
+    monkeypatch.setattr(ort_providers.ort, "get_available_providers", lambda: providers)
     assert pick_providers("cuda")[0][0] == "CUDAExecutionProvider"
 
 

@@ -54,8 +54,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from distgan.data.faces import ensure_builtin_faces
-from distgan.data.loader import IMAGE_EXTENSIONS, ImageLoader, find_images
-from distgan.metrics import fid as metrics
+from distgan.data.folder import IMAGE_EXTENSIONS, find_images
+from distgan.data.loader import ImageLoader
+from distgan.metrics import features as extractors
 from distgan.outputs.checkpoint import load_generator
 from distgan.runtime.ort_cuda import problem_without_torch
 from tests.helpers import (
@@ -190,7 +191,8 @@ def test_one_process_under_accelerate_launch_uses_the_gpu(tmp_path, faces_cache)
 
 
 def test_dali_batches_of_a_one_process_gpu_run_are_on_the_gpu(tmp_path):
-    from distgan.data.loader import ImageLoader, dali_device_id, find_images
+    from distgan.data.folder import find_images
+    from distgan.data.loader import ImageLoader, dali_device_id
 
     assert dali_device_id(torch.device("cuda")) == torch.cuda.current_device()
     assert dali_device_id(torch.device("cuda:0")) == 0
@@ -573,14 +575,14 @@ def test_evaluate_an_exported_model_on_cuda(onnx_models, trained_run):
 def inception_weights_present() -> str | None:
     path = (
         os.environ.get("DISTGAN_INCEPTION_WEIGHTS")
-        or metrics.default_weights_dir() / metrics.INCEPTION_FILE
+        or extractors.default_weights_dir() / extractors.INCEPTION_FILE
     )
     return str(path) if Path(path).is_file() else None
 
 
 @pytest.mark.skipif(
     inception_weights_present() is None,
-    reason=f"the FID Inception weights ({metrics.INCEPTION_FILE}) are not in {metrics.default_weights_dir()} and "
+    reason=f"the FID Inception weights ({extractors.INCEPTION_FILE}) are not in {extractors.default_weights_dir()} and "
     "DISTGAN_INCEPTION_WEIGHTS does not name a copy (no internet to download them)",
 )
 def test_inception_fid_of_a_run_on_cuda(trained_run):

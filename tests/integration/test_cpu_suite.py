@@ -16,7 +16,7 @@ from tests.helpers import REPO, gpu_suite_alone, run_train
 
 SEEN = (
     "import json, os, torch\n"
-    "from export.runtime import cuda_device_count\n"
+    "from distgan.runtime.ort_providers import cuda_device_count\n"
     "print(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), torch.cuda.is_available(),"
     " cuda_device_count()]))\n"
 )

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distgan.data.loader import ImageLoader, find_images, scan_images
+from distgan.data.folder import find_images, scan_images
+from distgan.data.loader import ImageLoader
 from distgan.outputs.checkpoint import list_checkpoints
 from tests.helpers import REPO, run_module, run_train, small_run, write_images
 

@@ -18,9 +18,11 @@ import scipy.linalg
 import torch
 
 from distgan.config.model import ModelConfig
-from distgan.data.loader import find_images
+from distgan.data.folder import find_images
 from distgan.errors import UserError
+from distgan.metrics import features as extractors
 from distgan.metrics import fid as metrics
+from distgan.metrics import stats as statistics
 from tests.helpers import REPO, SMALL_GAN, run_module, run_train, write_images
 
 
@@ -137,12 +139,12 @@ def test_pipeline_fid_is_zero_for_the_real_set_and_grows_with_corruption(tmp_pat
     folder = tmp_path / "images"
     write_images(folder, 40)
     images, files = decoded(folder)
-    extractor, dist = metrics.PixelFeatures(), metrics.SingleProcess()
-    real = metrics.real_stats(dist, extractor, files, **LOADING)
+    extractor, dist = extractors.PixelFeatures(), statistics.SingleProcess()
+    real = statistics.real_stats(dist, extractor, files, **LOADING)
     assert real.count == 40 and real.features.shape == (40, 192)
     fids, sampling = [], dict(batch_size=8, seed=0, device=torch.device("cpu"))
     for noise in (0.0, 0.1, 0.3, 0.8):
-        fake = metrics.fake_stats(dist, extractor, ImageBank(images, noise), 40, **sampling)
+        fake = statistics.fake_stats(dist, extractor, ImageBank(images, noise), 40, **sampling)
         fids.append(metrics.fid(real, fake))
     assert abs(fids[0]) < 1e-5  # the same images: the same statistics (up to eigenvalue noise)
     assert fids == sorted(fids) and fids[-1] > 10 * fids[1] > 0
@@ -163,52 +165,54 @@ class LatentRecorder(torch.nn.Module):
 def test_gray_models_are_scored_on_gray_images_with_their_own_latents(tmp_path):
     write_images(tmp_path / "images", 12)
     files = find_images(tmp_path / "images")
-    extractor, dist = metrics.PixelFeatures(), metrics.SingleProcess()
-    gray = metrics.real_stats(dist, extractor, files, **{**LOADING, "channels": 1})
-    rgb = metrics.real_stats(dist, extractor, files, **LOADING)
+    extractor, dist = extractors.PixelFeatures(), statistics.SingleProcess()
+    gray = statistics.real_stats(dist, extractor, files, **{**LOADING, "channels": 1})
+    rgb = statistics.real_stats(dist, extractor, files, **LOADING)
     assert gray.features.shape == rgb.features.shape == (12, 192)  # 3 x 8 x 8 either way
     r, g, b = np.split(gray.features, 3, axis=1)  # the one channel, repeated
     assert np.array_equal(r, g) and np.array_equal(g, b) and not np.array_equal(gray.mu, rgb.mu)
     config = ModelConfig(resolution=28, channels=1, z_dim=8, z_distribution="uniform")
     recorder = LatentRecorder(config)
     sampling = dict(batch_size=5, seed=0, device=torch.device("cpu"))
-    scored = metrics.score(dist, extractor, recorder, gray, count=40, **sampling)
+    scored = statistics.score(dist, extractor, recorder, gray, count=40, **sampling)
     z = torch.cat(recorder.seen)
     assert z.shape == (40, 8) and z.min() >= -1 and z.max() <= 1 and z.min() < -0.9
     assert scored["channels"] == 1 and scored["resolution"] == 28 and scored["n_fake"] == 40
     x = SimpleNamespace(name="x", numerics="cpu fp32")
-    rgb_key = metrics.real_stats_key(files, 32, None, 12, x)
-    assert metrics.real_stats_key(files, 32, None, 12, x, channels=3) == rgb_key  # as before
-    assert metrics.real_stats_key(files, 32, None, 12, x, channels=1) != rgb_key
+    rgb_key = statistics.real_stats_key(files, 32, None, 12, x)
+    assert statistics.real_stats_key(files, 32, None, 12, x, channels=3) == rgb_key  # as before
+    assert statistics.real_stats_key(files, 32, None, 12, x, channels=1) != rgb_key
 
 
 def test_real_statistics_cache_round_trip_and_key(tmp_path):
     write_images(tmp_path / "images", 12)
     files = find_images(tmp_path / "images")
-    real = metrics.real_stats(metrics.SingleProcess(), metrics.PixelFeatures(), files, **LOADING)
+    real = statistics.real_stats(
+        statistics.SingleProcess(), extractors.PixelFeatures(), files, **LOADING
+    )
     path = tmp_path / "cache" / "stats.npz"
-    metrics.save_stats(path, real)
-    loaded = metrics.load_stats(path)
+    statistics.save_stats(path, real)
+    loaded = statistics.load_stats(path)
     assert np.array_equal(loaded.mu, real.mu) and np.array_equal(loaded.sigma, real.sigma)
     assert loaded.count == 12 and np.array_equal(loaded.features, real.features)
     path.write_bytes(b"corrupt")
-    assert metrics.load_stats(path) is None  # recomputed, never trusted
+    assert statistics.load_stats(path) is None  # recomputed, never trusted
     x, y = (SimpleNamespace(name=name, numerics="cpu fp32") for name in "xy")
     x_on_gpu = SimpleNamespace(name="x", numerics="cuda fp32, TF32 off")
-    key = metrics.real_stats_key(files, 32, None, 12, x)
-    assert key == metrics.real_stats_key(files, 32, None, 12, x)
+    key = statistics.real_stats_key(files, 32, None, 12, x)
+    assert key == statistics.real_stats_key(files, 32, None, 12, x)
     others = [
-        metrics.real_stats_key(files, 64, None, 12, x),
-        metrics.real_stats_key(files, 32, [0, 0, 8, 8], 12, x),
-        metrics.real_stats_key(files, 32, None, 11, x),
-        metrics.real_stats_key(files, 32, None, 12, y),
-        metrics.real_stats_key(files[1:], 32, None, 12, x),
-        metrics.real_stats_key(files, 32, None, 12, x_on_gpu),  # another device or precision
+        statistics.real_stats_key(files, 64, None, 12, x),
+        statistics.real_stats_key(files, 32, [0, 0, 8, 8], 12, x),
+        statistics.real_stats_key(files, 32, None, 11, x),
+        statistics.real_stats_key(files, 32, None, 12, y),
+        statistics.real_stats_key(files[1:], 32, None, 12, x),
+        statistics.real_stats_key(files, 32, None, 12, x_on_gpu),  # another device or precision
     ]
     assert key not in others and len(set(others)) == len(others)
     assert (
-        metrics.real_files(files, 5) == metrics.real_files(files, 5)
-        and len(metrics.real_files(files, 5)) == 5
+        statistics.real_files(files, 5) == statistics.real_files(files, 5)
+        and len(statistics.real_files(files, 5)) == 5
     )
 
 
@@ -219,21 +223,26 @@ def test_gpu_decoded_real_statistics_are_cached_apart_from_cpu_decoded_ones(tmp_
     write_images(tmp_path / "images", 12)
     files = find_images(tmp_path / "images")
     x = SimpleNamespace(name="x", numerics="float64")
-    cpu_key = metrics.real_stats_key(files, 32, None, 12, x)
-    assert metrics.real_stats_key(files, 32, None, 12, x, decoded_on="cpu") == cpu_key  # as before
-    assert metrics.real_stats_key(files, 32, None, 12, x, decoded_on="gpu") != cpu_key
-    decoded_on, cpu_decode = [], metrics.real_stats
+    cpu_key = statistics.real_stats_key(files, 32, None, 12, x)
+    # CPU-decoded statistics keep the keys they had before the decoder was part of them.
+    assert statistics.real_stats_key(files, 32, None, 12, x, decoded_on="cpu") == cpu_key
+    assert statistics.real_stats_key(files, 32, None, 12, x, decoded_on="gpu") != cpu_key
+    decoded_on, cpu_decode = [], statistics.real_stats
 
     def decode(dist, extractor, files, **pipeline):  # this machine decodes on its CPU only
         decoded_on.append(pipeline["device_id"])
         return cpu_decode(dist, extractor, files, **{**pipeline, "device_id": None})
 
-    monkeypatch.setattr(metrics, "real_stats", decode)
+    monkeypatch.setattr(statistics, "real_stats", decode)
     cache = tmp_path / "cache"
     for device_id in (None, 0, None, 0):
         pipeline = {**LOADING, "device_id": device_id}
-        metrics.reference_stats(
-            metrics.SingleProcess(), metrics.PixelFeatures(), files, cache_dir=cache, **pipeline
+        statistics.reference_stats(
+            statistics.SingleProcess(),
+            extractors.PixelFeatures(),
+            files,
+            cache_dir=cache,
+            **pipeline,
         )
     assert decoded_on == [None, 0]  # once per decoder, then each from its own cache file
     assert len(list((cache / "fid-stats").glob("*.npz"))) == 2
@@ -271,13 +280,13 @@ def test_inception_weights_are_checked(tmp_path, monkeypatch):
         r"downloaded \(no network here\): put https://\S+ there, or pass --inception-weights PATH"
     )
     with pytest.raises(UserError, match=expected):
-        metrics.inception_weights()
+        extractors.inception_weights()
     with pytest.raises(UserError, match="does not exist"):
-        metrics.inception_weights(tmp_path / "nope.pth")
+        extractors.inception_weights(tmp_path / "nope.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save({"w": torch.zeros(2)}, wrong)
     with pytest.raises(UserError, match="is not the FID Inception weights"):
-        metrics.inception_weights(wrong)
+        extractors.inception_weights(wrong)
 
 
 class Payload:
@@ -291,9 +300,9 @@ def test_a_pickle_payload_with_the_right_checksum_is_refused(tmp_path, monkeypat
     import hashlib
 
     digest = hashlib.sha256(planted.read_bytes()).hexdigest()
-    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", digest[:8])  # as if it collided
+    monkeypatch.setattr(extractors, "INCEPTION_SHA256_PREFIX", digest[:8])  # as if it collided
     with pytest.raises(UserError, match="holds more than weights and is refused"):
-        metrics.inception_weights(planted)
+        extractors.inception_weights(planted)
     assert "pickled code ran" not in capsys.readouterr().out
 
 
@@ -302,21 +311,21 @@ def _inception_weights_present() -> str | None:
 
     path = (
         os.environ.get("DISTGAN_INCEPTION_WEIGHTS")
-        or metrics.default_weights_dir() / metrics.INCEPTION_FILE
+        or extractors.default_weights_dir() / extractors.INCEPTION_FILE
     )
     return str(path) if Path(path).is_file() else None
 
 
 @pytest.mark.skipif(
     _inception_weights_present() is None,
-    reason=f"the FID Inception weights ({metrics.INCEPTION_FILE}) are not in {metrics.default_weights_dir()} and "
+    reason=f"the FID Inception weights ({extractors.INCEPTION_FILE}) are not in {extractors.default_weights_dir()} and "
     "this machine cannot download them (no internet); set DISTGAN_INCEPTION_WEIGHTS to a copy to run this test",
 )
 def test_real_inception_features(tmp_path):
     write_images(tmp_path / "images", 20, size=(64, 64))
-    extractor = metrics.InceptionFeatures(_inception_weights_present(), torch.device("cpu"))
+    extractor = extractors.InceptionFeatures(_inception_weights_present(), torch.device("cpu"))
     images, _ = decoded(tmp_path / "images")
-    features = extractor(metrics.to_uint8(images))
+    features = extractor(extractors.to_uint8(images))
     assert features.shape == (20, 2048) and torch.isfinite(features).all()
 
 
@@ -367,6 +376,6 @@ def test_standalone_evaluation_of_a_run_and_its_onnx_export(tmp_path, faces_cach
 def test_inception_runs_in_ieee_fp32_and_restores_the_settings():
     knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
     before = [knob.fp32_precision for knob in knobs]
-    with metrics.full_fp32():
+    with extractors.full_fp32():
         assert [knob.fp32_precision for knob in knobs] == ["ieee", "ieee"]
     assert [knob.fp32_precision for knob in knobs] == before

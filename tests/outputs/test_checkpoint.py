@@ -14,8 +14,6 @@ from distgan.config.model import ModelConfig
 from distgan.errors import UserError
 from distgan.models.dcgan import Generator
 from distgan.outputs.checkpoint import (
-    GENERATOR_META,
-    GENERATOR_WEIGHTS,
     STATE_FILE,
     TrainerState,
     list_checkpoints,
@@ -24,6 +22,7 @@ from distgan.outputs.checkpoint import (
     save_checkpoint,
     save_generator,
 )
+from distgan.outputs.generator_file import GENERATOR_META, GENERATOR_WEIGHTS
 
 
 def test_generator_round_trip(tmp_path):

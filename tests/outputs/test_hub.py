@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from distgan.config.sections import make_config, resume_config
+from distgan.config.config import make_config, resume_config
 from distgan.errors import UserError
 from distgan.models.dcgan import Generator, sample_latents
 from distgan.outputs import hub

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from distgan.config.sections import parse_args
+from distgan.config.flags import parse_args
 from distgan.errors import UserError
 from distgan.outputs.checkpoint import list_checkpoints, read_trainer_state
 from distgan.outputs.runlock import (

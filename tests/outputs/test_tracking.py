@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distgan.config.sections import make_config
+from distgan.config.config import make_config
 from distgan.errors import UserError
 from distgan.outputs import tracking
 from tests.helpers import REPO, free_port, image_array, run_train, small_run

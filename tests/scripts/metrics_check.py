@@ -1,6 +1,6 @@
 """Run under `accelerate launch` (any number of processes): real and fake statistics of a folder
-and a fixed generator with the 8x8 pixel extractor, through distgan.metrics.fid; the main process
-prints the scores as JSON, for comparison across process counts."""
+and a fixed generator with the 8x8 pixel extractor, through distgan.metrics.stats; the main
+process prints the scores as JSON, for comparison across process counts."""
 
 import json
 import sys
@@ -9,8 +9,10 @@ import torch
 from accelerate import Accelerator
 
 from distgan.config.model import ModelConfig
-from distgan.data.loader import find_images
+from distgan.data.folder import find_images
+from distgan.metrics import features as extractors
 from distgan.metrics import fid as metrics
+from distgan.metrics import stats as statistics
 from distgan.models.dcgan import Generator
 
 
@@ -22,11 +24,11 @@ def main(folder: str) -> None:
         for module in generator.modules():
             if isinstance(module, torch.nn.ConvTranspose2d):
                 module.weight.mul_(8)
-    extractor = metrics.PixelFeatures()
+    extractor = extractors.PixelFeatures()
     loading = dict(resolution=32, crop_box=None, batch_size=4, num_threads=1, device_id=None)
-    real = metrics.real_stats(accelerator, extractor, find_images(folder), **loading)
+    real = statistics.real_stats(accelerator, extractor, find_images(folder), **loading)
     sampling = dict(batch_size=8, seed=3, device=torch.device("cpu"))
-    fake = metrics.fake_stats(accelerator, extractor, generator, 50, **sampling)
+    fake = statistics.fake_stats(accelerator, extractor, generator, 50, **sampling)
     counts = {"n_real": real.count, "n_fake": fake.count, "real_mu_sum": float(real.mu.sum())}
     result = {**metrics.scores(real, fake), **counts}
     if accelerator.is_main_process:

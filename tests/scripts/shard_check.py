@@ -9,7 +9,8 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for tests.helpers
-from distgan.data.loader import ImageLoader, find_images  # noqa: E402
+from distgan.data.folder import find_images  # noqa: E402
+from distgan.data.loader import ImageLoader  # noqa: E402
 from tests.helpers import colour_index  # noqa: E402
 
 

@@ -1,0 +1,112 @@
+"""The data a run trains on, decided before the loop and the same on every process: the folder
+(the built-in faces, rendered once per machine, when none is given), its usable images (files
+DALI cannot decode stop the run, or are skipped and listed in OUT/bad_images.txt, as
+--on-bad-image says) and the channel count ("auto": 1 when every image is grayscale, else 3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed
+
+from distgan.data.faces import builtin_faces_dir, ensure_builtin_faces, render_size
+from distgan.data.folder import (
+    ImageFolder,
+    count_channels,
+    scan_cache_path,
+    scan_images,
+    survey_folder,
+)
+from distgan.errors import UserError
+from distgan.runtime.env import available_cpus, local_processes
+from distgan.runtime.files import write_text_atomically
+from distgan.runtime.paths import default_cache_dir
+
+BAD_IMAGES_FILE = "bad_images.txt"
+
+
+def _all_processes(found: dict) -> dict:
+    """The union of every training process's dict (just `found` without a process group)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return found
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, found)
+    return {key: value for part in parts for key, value in part.items()}
+
+
+def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Path, list[str]]:
+    """(data folder, usable image files), the same on every process. Renders the built-in faces
+    once per machine; scans the files for ones DALI cannot decode (each process a share, in
+    parallel) and stops with the list, or skips them, as `dc.on_bad_image` says; prints the
+    images it trains on by format, and the other files it skipped.
+
+    `accelerator` is the run's Accelerator (or anything with its process attributes), `dc` its
+    DataConfig.
+    """
+    data_dir = dc.data_dir
+    if data_dir is None:
+        size = render_size(resolution)
+        if accelerator.is_local_main_process:
+            if not builtin_faces_dir(dc.builtin_faces, size, dc.cache_dir).is_dir():
+                print(f"rendering {dc.builtin_faces} built-in faces (once) ...", flush=True)
+            ensure_builtin_faces(dc.builtin_faces, size, dc.cache_dir)
+        accelerator.wait_for_everyone()
+        data_dir = ensure_builtin_faces(dc.builtin_faces, size, dc.cache_dir)
+    try:
+        folder = survey_folder(data_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(str(err)) from None
+
+    files = folder.files
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cache_dir = dc.cache_dir or default_cache_dir()
+    cache = scan_cache_path(cache_dir, files, dc.crop_box, f"{rank}of{world}")
+    workers = max(1, available_cpus() // local_processes())
+    found = scan_images(files[rank::world], dc.crop_box, workers=workers, cache_path=cache)
+    bad = _all_processes(found)
+    if bad:
+        files = _without_bad_images(accelerator, dc.on_bad_image, folder, bad, out_dir)
+    accelerator.print(f"data: {folder.describe(files)}")
+    return Path(data_dir), files
+
+
+def _without_bad_images(accelerator, on_bad_image: str, folder: ImageFolder, bad, out_dir):
+    """The usable files once the `bad` ones ({path: reason}) are listed in OUT/bad_images.txt,
+    or a UserError naming them (on_bad_image "error", or none left)."""
+    files, data_dir = folder.files, folder.root
+    listing = out_dir / BAD_IMAGES_FILE
+    if accelerator.is_main_process:
+        lines = "".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items()))
+        write_text_atomically(listing, lines)
+    first = "; ".join(f"{Path(p).name}: {r}" for p, r in sorted(bad.items())[:3])
+    summary = f"{len(bad)} of {len(files)} images in {data_dir} cannot be used ({first}"
+    summary += ", ...)" if len(bad) > 3 else ")"
+    if on_bad_image == "error":
+        raise UserError(
+            f"{summary}, all listed in {listing}: fix or remove them, or pass "
+            "--on-bad-image skip to train on the rest"
+        )
+    usable = [f for f in files if f not in bad]
+    if not usable:
+        raise UserError(f"{summary}: no usable image is left in {data_dir}")
+    accelerator.print(f"skipping {summary}; listed in {listing}")
+    return usable
+
+
+def _from_main_process(value):
+    """The main process's `value` on every process (`value` itself without a process group)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return value
+    shared = [value]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def resolve_channels(accelerator, requested: str, files: list[str]) -> int:
+    """The channel count to train on, the same on every process: `requested` ("1" or "3"), or
+    for "auto" 1 when every image in `files` is grayscale, else 3 (read by the main process)."""
+    if requested != "auto":
+        return int(requested)
+    found = count_channels(files) if accelerator.is_main_process else None
+    return _from_main_process(found)
