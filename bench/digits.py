@@ -33,8 +33,8 @@ from bench.digit_metrics import DigitReference, blurred, load_digit_folder
 from bench.digit_scorer import RECORD_FILE, RESOLUTION, load_scorer
 from bench.quality import ema_generators, generate
 from bench.reference_dcgan import ReferenceDCGAN, make_generator
-from distgan.config.model import ModelConfig
 from distgan.config.config import load_toml, make_config
+from distgan.config.model import ModelConfig
 from distgan.data.folder import find_images
 from distgan.data.order import steps_per_epoch
 from distgan.errors import UserError

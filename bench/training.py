@@ -16,9 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.reference_dcgan import ReferenceDCGAN
 from bench.timing import synchronize
+from distgan.config.config import load_toml, make_config
 from distgan.config.model import ModelConfig
 from distgan.config.sections import TrainConfig
-from distgan.config.config import load_toml, make_config
 from distgan.training.gan import build_gan, gan_step
 
 RESOLUTION = 64

@@ -124,6 +124,14 @@ class TrainConfig:
     gp_weight: float = setting(10.0, positive=True, on_resume="fixed")
     """Weight of the gradient penalty with loss=wgan-gp."""
 
+    r1_gamma: float = setting(0.0, on_resume="fixed")
+    """Weight gamma of the R1 penalty, gamma / 2 * E[||grad D(real)||^2] (Mescheder et al., 2018;
+    StyleGAN2's regulariser), added to D's loss every r1_every steps; 0 turns it off."""
+
+    r1_every: int = setting(16, positive=True)
+    """Steps between R1 penalties (lazy regularisation, as StyleGAN2: the penalty is weighted by
+    this interval, so its strength is the same at a fraction of the cost)."""
+
     ema_decay: float = setting(0.999, on_resume="fixed")
     """Decay of the exponential moving average of G's weights, used for samples and export."""
 
@@ -132,9 +140,8 @@ class TrainConfig:
     through it): none; diffaugment (DiffAugment: colour, translation, cutout on every image); or
     ada (adaptive: flips, rotations, scaling, translation and colour changes, each applied with a
     probability p that rises while D overfits and falls while it does not; p is logged as aug_p).
-    The default, diffaugment, gave the lowest distance on 500, 2,000 and 10,000 faces in
-    `python -m bench.quality`'s 1,200-step budget (bench/README.md, with longer runs). Can change
-    on resume."""
+    The default, diffaugment, was chosen on the built-in faces by `python -m bench.quality`
+    (bench/README.md, "Quality"). Can change on resume."""
 
     diffaugment_ops: list[str] = setting(factory=lambda: list(DIFF_OPS))
     """DiffAugment's ops with augment=diffaugment: one or more of colour, translation, cutout
@@ -155,12 +162,12 @@ class TrainConfig:
     where the hardware computes it natively (recent CPUs and GPUs), else no."""
 
     channels_last: bool = setting(True)
-    """Keep G, D and the image batches in channels-last (NHWC) memory layout: faster convolutions
-    on CPUs (oneDNN) and on tensor-core GPUs (see bench/README.md)."""
+    """Keep G, D and the image batches in channels-last (NHWC) memory layout, which oneDNN and
+    tensor-core kernels prefer (measured in bench/README.md)."""
 
     compile: bool = setting(False)
-    """torch.compile G and D. Off by default: on this project's CPU benchmark it was no faster
-    than eager channels-last bf16 (bench/README.md). The first step's compile time is printed."""
+    """torch.compile G and D. Off by default: what it gains per step costs its compile time
+    first (bench/README.md, "Where the time goes"). The first step's compile time is printed."""
 
     deterministic: bool = setting(False)
     """Deterministic GPU kernels (cuDNN, cuBLAS) and no cuDNN autotuning, so that on a GPU a
@@ -180,6 +187,18 @@ class TrainConfig:
                 "double backward, which torch.compile does not support; drop --compile or use "
                 "another loss"
             )
+        if self.compile and self.r1_gamma:
+            raise ValueError(
+                "compile=True does not work with r1_gamma > 0: the R1 penalty needs a double "
+                "backward, which torch.compile does not support; drop --compile or --r1-gamma"
+            )
+        if self.sync_bn and self.r1_gamma:
+            raise ValueError(
+                "sync_bn=True does not work with r1_gamma > 0: the R1 penalty needs a double "
+                "backward, which SyncBatchNorm does not have; drop --sync-bn or --r1-gamma"
+            )
+        if self.r1_gamma < 0:
+            raise ValueError(f"r1_gamma={self.r1_gamma} is not allowed: use 0 (off) or > 0")
         if self.sync_bn and self.loss == "wgan-gp":
             raise ValueError(
                 "sync_bn=True does not work with loss='wgan-gp': its gradient penalty needs a "

@@ -61,3 +61,21 @@ def gradient_penalty(
         # scaler.scale(1) is the scale as a tensor: no host sync, unlike get_scale().
         grad = grad / scaler.scale(torch.ones((), device=grad.device))
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
+
+
+def r1_penalty(
+    discriminator: nn.Module, real: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+) -> torch.Tensor:
+    """R1 (Mescheder et al., 2018): E[||grad_x D(x)||_2^2] at the real images D sees. It pulls
+    D's gradients towards zero where the data is, which keeps D from overshooting there. Under
+    fp16 the gradient is taken of the scaled output and unscaled, as in gradient_penalty."""
+    real = real.detach().requires_grad_(True)
+    output = discriminator(real).float().sum()
+    scaled = scaler is not None and scaler.is_enabled()
+    if scaled:
+        output = scaler.scale(output)
+    (grad,) = torch.autograd.grad(output, real, create_graph=True)
+    grad = grad.float()
+    if scaled:
+        grad = grad / scaler.scale(torch.ones((), device=grad.device))
+    return grad.square().flatten(1).sum(1).mean()

@@ -6,26 +6,44 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+from distgan.runtime.files import write_atomically
 
-from distgan.runtime.files import write_atomically  # noqa: E402
+GRID_PADDING = 2  # black pixels around and between the images of a grid
+
+
+def grid(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1], NCHW, as one square-ish CHW grid in [0, 1], row by row with
+    GRID_PADDING black pixels between them (as torchvision's make_grid draws it; one image
+    alone has no border). Plain torch: torchvision's import costs a second at start-up."""
+    count, channels, height, width = images.shape
+    images = images.clamp(-1, 1).sub(-1).div(2)
+    if count == 1:
+        return images[0]
+    columns = min(math.ceil(math.sqrt(count)), count)
+    rows = math.ceil(count / columns)
+    cell_h, cell_w = height + GRID_PADDING, width + GRID_PADDING
+    canvas = images.new_zeros(
+        channels, rows * cell_h + GRID_PADDING, columns * cell_w + GRID_PADDING
+    )
+    for index in range(count):
+        top, left = (
+            (index // columns) * cell_h + GRID_PADDING,
+            (index % columns) * cell_w + GRID_PADDING,
+        )
+        canvas[:, top : top + height, left : left + width] = images[index]
+    return canvas
 
 
 def save_grid(images: torch.Tensor, path: str | Path) -> np.ndarray:
     """Save images in [-1, 1], NCHW, as one square-ish PNG grid: RGB for 3 channels, gray (mode
     L) for 1."""
-    nrow = math.ceil(math.sqrt(images.shape[0]))
-    images = images.detach().float().cpu()
-    grid = make_grid(images, nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    if images.shape[1] == 1:  # make_grid repeats one channel into three: save one, as mode L
+    canvas = grid(images.detach().float().cpu())
+    pixels = canvas.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    if pixels.shape[2] == 1:
         pixels = pixels[..., 0]
     write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
     return pixels  # as saved: HxWx3, or HxW for gray
@@ -52,8 +70,13 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
     """Redraw the losses and D outputs over steps from metrics.jsonl. After a resume the steps
     logged again replace the earlier ones, so the curve has no doubled-back segment."""
     by_step = {r["step"]: r for r in read_jsonl(metrics_path) if "loss_d" in r}
-    if not by_step:
+    if len(by_step) < 2:  # one point is no curve (and matplotlib's import costs a second)
         return
+    import matplotlib  # here: only a run that draws its plot loads matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
     records = [by_step[s] for s in sorted(by_step)]
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_d) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)

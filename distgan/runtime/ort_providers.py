@@ -1,6 +1,6 @@
 """Which onnxruntime execution providers a session asks for: CUDA where a GPU and onnxruntime's
-CUDA provider are there (or where it is asked for), else the CPU. The one choice, for
-`python -m export` and `distgan evaluate --onnx`.
+CUDA provider are there, else the CPU (CUDA asked for where there is none: a one-line error).
+The one choice, for `python -m export` and `distgan evaluate --onnx`.
 
 Imports no torch (`python -m export generate` runs without it): the GPUs are counted by asking
 the CUDA driver, and the CUDA libraries of a pip install are preloaded (runtime/ort_cuda.py).

@@ -8,19 +8,17 @@ import os
 import sys
 
 from distgan.config.flags import parse_args
-from distgan.errors import RunStopped, UserError
+from distgan.errors import RunStopped, exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cfg = parse_args(argv)
-        from distgan.training.stop import Faults
-        from distgan.training.trainer import train  # here: torch, DALI and Accelerate load
+        with exit_on_user_error():
+            cfg = parse_args(argv)
+            from distgan.training.stop import Faults
+            from distgan.training.trainer import train  # here: torch, DALI and Accelerate load
 
-        train(cfg, Faults.from_env())
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+            train(cfg, Faults.from_env())
     except RunStopped as err:
         print(f"error: training stopped: {err}", file=sys.stderr)
         sys.exit(3)

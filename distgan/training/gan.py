@@ -16,7 +16,7 @@ from distgan.config.sections import TrainConfig
 from distgan.models.augment import Augment
 from distgan.models.dcgan import Discriminator, Generator, sample_latents
 from distgan.models.ema import EMA
-from distgan.models.losses import d_loss, g_loss, gradient_penalty
+from distgan.models.losses import d_loss, g_loss, gradient_penalty, r1_penalty
 
 if TYPE_CHECKING:
     from distgan.outputs.pretrained import StartingWeights
@@ -131,6 +131,9 @@ def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0
         # D is kept 1-Lipschitz where it is trained: between the images it sees.
         penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler)
         loss_d = loss_d + tc.gp_weight * penalty
+    if tc.r1_gamma and step % tc.r1_every == 0:
+        penalty = r1_penalty(discriminator, real_seen, accelerator.scaler)
+        loss_d = loss_d + tc.r1_gamma / 2 * tc.r1_every * penalty
     gan.opt_d.zero_grad(set_to_none=True)
     accelerator.backward(loss_d)
     scaled = accelerator.scaler is not None  # fp16: the GradScaler skips overflowing steps

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from distgan.config.config import Config, resume_config, saved_run_config
 from distgan.config.model import ModelConfig
 from distgan.config.sections import FailuresConfig
+from distgan.data import order
 from distgan.data.loader import ImageLoader
 from distgan.errors import UserError
 from distgan.outputs.checkpoint import TrainerState, load_checkpoint
@@ -79,7 +80,7 @@ def resume(accelerator, checkpoint: Path, saved: TrainerState, gan: GAN, tc, cha
     RNG, once it is sure to go on as it was trained: the same precision and global batch (the
     data position counts steps). Returns the state to go on with."""
     precision = accelerator.mixed_precision
-    global_batch = tc.batch_size * accelerator.num_processes
+    global_batch = order.global_batch(accelerator.num_processes, tc.batch_size)
     if saved.precision not in (None, precision):
         raise UserError(
             f"{checkpoint} was trained in {saved.precision}, and this run would use {precision}: "

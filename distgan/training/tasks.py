@@ -152,9 +152,7 @@ class Evaluation(Task):
         from distgan.runtime.paths import default_cache_dir
 
         ec, dc, accelerator = self.cfg.eval, self.cfg.data, self.accelerator
-        self.extractor = make_extractor(
-            ec.eval_features, ec.inception_weights, accelerator.device
-        )
+        self.extractor = make_extractor(ec.eval_features, ec.inception_weights, accelerator.device)
         self.real_stats = reference_stats(
             accelerator,
             self.extractor,

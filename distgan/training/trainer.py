@@ -18,6 +18,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from distgan.config.config import Config
+from distgan.data import order
 from distgan.data.loader import ImageLoader
 from distgan.data.prepare import prepare_images, resolve_channels
 from distgan.errors import RunStopped, UserError, require_writable_dir
@@ -135,7 +136,7 @@ class Trainer:
 
     def _build_gan_and_state(self) -> None:
         tc, model_cfg, accelerator = self.cfg.train, self.cfg.model, self.accelerator
-        self.global_batch = tc.batch_size * accelerator.num_processes
+        self.global_batch = order.global_batch(accelerator.num_processes, tc.batch_size)
         self.total_steps = tc.max_steps or tc.epochs * self.loader.steps_per_epoch
         self.gan = build_gan(accelerator, model_cfg, tc, self.start)
         seeded = torch.Generator().manual_seed(tc.seed)

@@ -1,5 +1,5 @@
 """Losses: each formula on known logits, label smoothing, and the WGAN-GP penalty (its value on
-a D with a known gradient, and the same value through an fp16 loss scaler)."""
+a D with a known gradient, and the same value through an fp16 loss scaler), and R1 likewise."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from distgan.models.losses import d_loss, g_loss, gradient_penalty
+from distgan.models.losses import d_loss, g_loss, gradient_penalty, r1_penalty
 
 
 def softplus(x: float) -> float:
@@ -78,3 +78,15 @@ def test_gradient_penalty_through_a_loss_scaler_matches_unscaled():
     torch.manual_seed(0)
     scaled = gradient_penalty(critic, real, fake, scaler)
     assert scaled.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_r1_penalty_known_value_gradient_flow_and_scaler():
+    # D(x) = <w, x> has input gradient w at every image: R1 = |w|^2, its gradient in w is 2w.
+    w = torch.full((1, 3, 4, 4), 0.5)
+    critic = Linear(w.clone())
+    penalty = r1_penalty(critic, torch.randn(5, 3, 4, 4))
+    assert penalty.item() == pytest.approx(0.25 * 48, rel=1e-6)
+    penalty.backward()
+    assert torch.allclose(critic.w.grad, 2 * w)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert r1_penalty(critic, torch.randn(5, 3, 4, 4), scaler).item() == pytest.approx(12.0)

@@ -1,11 +1,11 @@
-"""Hugging Face Hub model folders (distgan/outputs/hub.py) and --init-from (distgan/outputs/pretrained.py): a
-finished run writes RUN/hub/ with a card whose YAML the Hub's own parser reads, the sample grid
-and the EMA generator; `Generator.from_pretrained` gives back that generator bit for bit; folders
-that are not distgan generators fail with one line; `save` replaces only an unchanged folder of
-its own; `push` uploads exactly the folder and the ONNX exports, and fails with one line without
-a token or a network; --init-from starts a new run at step 0 from a run's G, D and EMA G (or a
-Hub folder's G) with fresh optimizers, refuses flags that contradict the source, and yields to a
-run already in --out-dir."""
+"""Hugging Face Hub model folders (distgan/outputs/hub.py, model_card.py, model_folder.py) and
+--init-from (distgan/outputs/pretrained.py): a finished run writes RUN/hub/ with a card whose YAML
+the Hub's own parser reads, the sample grid and the EMA generator; `Generator.from_pretrained`
+gives back that generator bit for bit; folders that are not distgan generators fail with one line;
+`save` replaces only an unchanged folder of its own; `push` uploads exactly the folder and the
+ONNX exports, and fails with one line without a token or a network; --init-from starts a new run
+at step 0 from a run's G, D and EMA G (or a Hub folder's G) with fresh optimizers, refuses flags
+that contradict the source, and yields to a run already in --out-dir."""
 
 import json
 import shutil
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from distgan.config.config import make_config, resume_config
 from distgan.errors import UserError
 from distgan.models.dcgan import Generator, sample_latents
-from distgan.outputs import hub
+from distgan.outputs import hub, model_folder
 from distgan.outputs.checkpoint import list_checkpoints, read_trainer_state
 from distgan.outputs.pretrained import config_from_source, read_starting_weights
 from distgan.outputs.report import read_jsonl
@@ -113,7 +113,7 @@ def test_a_repo_id_is_downloaded_then_loaded(trained_run, monkeypatch):
         asked.update(options, repo_id=repo_id)
         return str(trained_run / "hub")
 
-    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(model_folder, "snapshot_download", snapshot_download)
     loaded = Generator.from_pretrained("someone/faces", revision="v1")
     assert asked["repo_id"] == "someone/faces" and asked["revision"] == "v1"
     assert set(asked["allow_patterns"]) == {"config.json", "model.safetensors"}
