@@ -150,7 +150,8 @@ class ImageLoader:
 
         @pipeline_def(batch_size=batch_size, seed=seed, **placement)
         def image_pipeline():
-            # Plain reads, not mmap: +15% on small JPEGs here, and what network file systems want.
+            # Plain reads, not mmap: faster on small JPEGs (bench/README.md), and what network file
+            # systems want.
             reading = {"random_shuffle": False, "dont_use_mmap": True, "name": "Reader"}
             encoded, _ = fn.readers.file(
                 files=files, shard_id=shard[0], num_shards=shard[1], **reading

@@ -160,7 +160,7 @@ def test_wandb_offline_keeps_its_run_in_the_run_folder(tmp_path, faces_cache):
 # Accelerate's check that it is installed, fail as if it were not there.
 WITHOUT_TENSORBOARD = (
     "import sys; sys.modules['tensorboard'] = sys.modules['tensorboardX'] = None; "
-    "from distgan.training.trainer import main; mainsys.argv[1:]"
+    "from distgan.training.cli import main; main(sys.argv[1:])"
 )
 
 
