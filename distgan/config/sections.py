@@ -6,6 +6,7 @@ are checked in `__post_init__`, so a bad value fails before any work with a one-
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -187,6 +188,8 @@ class TrainConfig:
                 "double backward, which torch.compile does not support; drop --compile or use "
                 "another loss"
             )
+        if not (math.isfinite(self.r1_gamma) and self.r1_gamma >= 0):
+            raise ValueError(f"r1_gamma={self.r1_gamma} is not allowed: use 0 (off) or > 0")
         if self.compile and self.r1_gamma:
             raise ValueError(
                 "compile=True does not work with r1_gamma > 0: the R1 penalty needs a double "
@@ -197,8 +200,6 @@ class TrainConfig:
                 "sync_bn=True does not work with r1_gamma > 0: the R1 penalty needs a double "
                 "backward, which SyncBatchNorm does not have; drop --sync-bn or --r1-gamma"
             )
-        if self.r1_gamma < 0:
-            raise ValueError(f"r1_gamma={self.r1_gamma} is not allowed: use 0 (off) or > 0")
         if self.sync_bn and self.loss == "wgan-gp":
             raise ValueError(
                 "sync_bn=True does not work with loss='wgan-gp': its gradient penalty needs a "

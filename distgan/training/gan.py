@@ -131,11 +131,12 @@ def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0
         # D is kept 1-Lipschitz where it is trained: between the images it sees.
         penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler)
         loss_d = loss_d + tc.gp_weight * penalty
+    regularised = loss_d  # R1 is trained on, not logged: it comes every r1_every steps only
     if tc.r1_gamma and step % tc.r1_every == 0:
         penalty = r1_penalty(discriminator, real_seen, accelerator.scaler)
-        loss_d = loss_d + tc.r1_gamma / 2 * tc.r1_every * penalty
+        regularised = loss_d + tc.r1_gamma / 2 * tc.r1_every * penalty
     gan.opt_d.zero_grad(set_to_none=True)
-    accelerator.backward(loss_d)
+    accelerator.backward(regularised)
     scaled = accelerator.scaler is not None  # fp16: the GradScaler skips overflowing steps
     if not scaled:
         bad_d = gan.opt_d.optimizer.found_inf = nonfinite(discriminator)

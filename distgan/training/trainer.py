@@ -83,21 +83,13 @@ class Trainer:
         resume_from = main_decides(
             processes, lambda: find_resume_point(cfg.outputs.resume, checkpoints)
         )
-        self.resume_from, self.saved, self.changes, self.note, self.start = (
-            resume_from,
-            None,
-            {},
-            "",
-            None,
-        )
+        self.resume_from, self.saved, self.start = resume_from, None, None
+        self.changes, self.note = {}, ""
         if resume_from is not None:  # the run's own settings, with what may change changed
             self.saved = read_trainer_state(resume_from)
-            cfg, self.changes, self.note = setup.config_for_resume(
-                cfg, resume_from, self.saved.model
-            )
-        elif (
-            cfg.outputs.init_from
-        ):  # a new run from trained weights (a resume goes on from its own)
+            model = self.saved.model
+            cfg, self.changes, self.note = setup.config_for_resume(cfg, resume_from, model)
+        elif cfg.outputs.init_from:  # a new run from trained weights (a resume goes its own way)
             self.start = read_starting_weights(cfg.outputs.init_from)
             cfg, self.note = config_from_source(cfg, self.start), self.start.describe()
         self.cfg = cfg
@@ -157,15 +149,15 @@ class Trainer:
         tc, outputs, accelerator, gan = self.cfg.train, self.cfg.outputs, self.accelerator, self.gan
         self.log = RunLog(self.is_main, self.progress, self.out_dir, self.tracking)
         self.watch = NonfiniteWatch(accelerator.device)
+        evaluation = Evaluation(
+            self.cfg.eval.eval_every, accelerator, self.log, gan, self.cfg, self.out_dir
+        )
+        evaluation.prepare(self.files, self.loader.device_id)  # first: the clock starts below
         self.speed = Throughput(self.global_batch, self.state, tc.compile, accelerator.print)
         per_epoch = self.loader.steps_per_epoch
         self.metrics_log = MetricsLog(
             outputs.log_every, self.log, gan, self.speed, self.watch, per_epoch
         )
-        evaluation = Evaluation(
-            self.cfg.eval.eval_every, accelerator, self.log, gan, self.cfg, self.out_dir
-        )
-        evaluation.prepare(self.files, self.loader.device_id)
         samples = Samples(outputs.sample_every, self.log, gan, self.fixed_z, self.out_dir)
         checkpoints = self.out_dir / "checkpoints"
         saves = Checkpoints(

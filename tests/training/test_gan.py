@@ -1,0 +1,48 @@
+"""The GAN step's R1 option: the penalty changes D's update on exactly the steps its interval
+names (lazy regularisation) and leaves G's and the logged loss alone; off (0), the step is the
+plain one bit for bit; and the settings R1 cannot run with are refused in one line."""
+
+import pytest
+import torch
+
+from distgan.config.config import make_config
+from distgan.errors import UserError
+from tests.models.test_augment import tiny_gan
+
+
+def d_weights_after(step: int, **train) -> tuple[list[torch.Tensor], float]:
+    """D's weights after one GAN step numbered `step` from the same start, and the logged loss."""
+    from distgan.training.gan import gan_step
+
+    accelerator, tc, gan, real = tiny_gan(augment="none", **train)
+    torch.manual_seed(3)
+    out = gan_step(accelerator, tc, gan, real, step)
+    weights = [p.detach().clone() for p in gan.discriminator.parameters()]
+    return weights, out.loss_d.item()
+
+
+def test_r1_changes_d_on_its_steps_only_and_is_not_logged():
+    plain, plain_loss = d_weights_after(0)
+    off, _ = d_weights_after(0, r1_gamma=0.0)
+    assert all(map(torch.equal, plain, off))
+    penalised, penalised_loss = d_weights_after(0, r1_gamma=1.0, r1_every=2)
+    assert not all(map(torch.equal, plain, penalised))
+    assert penalised_loss == plain_loss  # the logged loss is the GAN loss alone
+    between, _ = d_weights_after(1, r1_gamma=1.0, r1_every=2)
+    plain_between, _ = d_weights_after(1)
+    assert all(map(torch.equal, plain_between, between))  # step 1 of every 2: no penalty
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"r1_gamma": float("nan")}, "r1_gamma=nan is not allowed"),
+        ({"r1_gamma": -1.0}, "r1_gamma=-1.0 is not allowed"),
+        ({"r1_gamma": 0.1, "compile": True}, "compile=True does not work with r1_gamma"),
+        ({"r1_gamma": 0.1, "sync_bn": True}, "sync_bn=True does not work with r1_gamma"),
+        ({"r1_every": 0}, "r1_every=0 is not allowed"),
+    ],
+)
+def test_settings_r1_cannot_run_with_are_refused(settings, message):
+    with pytest.raises(UserError, match=message):
+        make_config(**settings)
