@@ -25,7 +25,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 import typing
@@ -462,6 +461,15 @@ def result_stem(info: dict, date: str, tiny: bool) -> str:
     return f"quality-{slug}-{date}{'-tiny' if tiny else ''}"
 
 
+def unused_stem(out: Path, stem: str) -> str:
+    """`stem`, or stem-2, stem-3, ...: a second run on the same day keeps the first one's files."""
+    candidate, number = stem, 1
+    while (out / f"{candidate}.json").exists() or (out / candidate).exists():
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quality", description=__doc__.split("\n\n")[0]
@@ -548,9 +556,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         plan = replace(TINY if args.tiny else FULL, **plan_overrides(args))
         info, date = machine(), datetime.date.today().isoformat()
-        stem = result_stem(info, date, plan.tiny)
+        stem = unused_stem(args.out, result_stem(info, date, plan.tiny))
         samples_dir = args.out / stem
-        shutil.rmtree(samples_dir, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix="distgan-quality-") as scratch:
             work_dir = args.work_dir or Path(scratch)
             result = run_benchmark(plan, samples_dir, args.cache_dir, work_dir, log)
@@ -574,9 +581,10 @@ def run_digits_benchmark(args: argparse.Namespace, log) -> None:
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: use 1 or more")
     info, date = machine(), datetime.date.today().isoformat()
-    stem = result_stem(info, date, plan.tiny).replace("quality-", "digits-", 1)
+    stem = unused_stem(
+        args.out, result_stem(info, date, plan.tiny).replace("quality-", "digits-", 1)
+    )
     samples_dir = args.out / stem
-    shutil.rmtree(samples_dir, ignore_errors=True)
     result = digits.run_digits(plan, args.digits, samples_dir, log, workers=args.jobs)
     result.update(device=device_name(info), date=date, machine=info)
     table = digits.markdown(result)

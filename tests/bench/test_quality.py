@@ -3,7 +3,8 @@ itself and by far-away points, R^2 of perfect and of mean predictions), the comm
 network reads the built-in faces' parameters from their pixels, re-training it is deterministic,
 bad plans are refused, the default suggested is the best setting that is nowhere worse than
 none (with or without the goals met), and a tiny end-to-end run writes its JSON, table and grids with finite
-numbers on a sane scale (real faces closer to the reference than noise)."""
+numbers on a sane scale (real faces closer to the reference than noise), under a name of its own
+when an earlier run of the day is there."""
 
 import json
 import math
@@ -170,3 +171,13 @@ def test_tiny_run_writes_a_sane_result(tmp_path, faces_cache):
     assert "Recommended default: --augment" in table and table in result.stdout
     reprinted = run_module("bench.quality", "--table", path)
     assert reprinted.returncode == 0 and reprinted.stdout == table
+
+
+def test_a_second_run_on_the_same_day_keeps_the_first_ones_files(tmp_path):
+    from bench.quality import unused_stem
+
+    assert unused_stem(tmp_path, "quality-x-2026-12-07") == "quality-x-2026-12-07"
+    (tmp_path / "quality-x-2026-12-07.json").write_text("{}")
+    assert unused_stem(tmp_path, "quality-x-2026-12-07") == "quality-x-2026-12-07-2"
+    (tmp_path / "quality-x-2026-12-07-2").mkdir()  # its grids, even without a JSON yet
+    assert unused_stem(tmp_path, "quality-x-2026-12-07") == "quality-x-2026-12-07-3"
