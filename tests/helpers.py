@@ -147,3 +147,19 @@ def cuda_hidden_by_this_run() -> bool:
     """Whether this pytest run hid CUDA because it holds tests not marked gpu
     (conftest.pytest_configure)."""
     return STARTING_CUDA_VISIBLE_DEVICES != "" and os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+
+
+def tiny_gan(model, real, **train):
+    """A CPU fp32 GAN as the trainer builds it for `model` (a ModelConfig), with `train` over the
+    training defaults (batch size: len(real)); the accelerator, the TrainConfig, the GAN and the
+    real batch in the trainer's memory layout."""
+    import torch
+
+    from bench.training import fresh_accelerator
+    from distgan.config.sections import TrainConfig
+    from distgan.training.gan import build_gan
+
+    accelerator = fresh_accelerator("no", torch.device("cpu"))
+    tc = TrainConfig(batch_size=len(real), **train)
+    gan = build_gan(accelerator, model, tc)
+    return accelerator, tc, gan, real.contiguous(memory_format=torch.channels_last)

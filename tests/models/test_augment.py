@@ -21,7 +21,7 @@ from distgan.config.model import ModelConfig
 from distgan.models.augment import Augment, ada_augment, diff_augment
 from distgan.models.dcgan import Discriminator, Generator
 from distgan.outputs.checkpoint import read_trainer_state
-from tests.helpers import SMALL_GAN, run_train, small_run, write_images
+from tests.helpers import SMALL_GAN, run_train, small_run, tiny_gan, write_images
 
 TINY = ModelConfig(resolution=32, g_channels=8, d_channels=8, z_dim=16)
 
@@ -155,22 +155,10 @@ def test_the_controller_moves_p_by_the_sign_of_real_logits_within_0_and_1():
         assert [t.item() for t in other.counts()] == [0.0, 0.0]
 
 
-def tiny_gan(**train):
-    """A CPU fp32 GAN as the trainer builds it, and one batch of real images."""
-    from bench.training import fresh_accelerator
-    from distgan.config.sections import TrainConfig
-    from distgan.training.gan import build_gan
-
-    accelerator = fresh_accelerator("no", torch.device("cpu"))
-    tc = TrainConfig(batch_size=4, **train)
-    gan = build_gan(accelerator, TINY, tc)
-    return accelerator, tc, gan, images(count=4).contiguous(memory_format=torch.channels_last)
-
-
 def trained_weights(steps=2, p=0.0, **train) -> list[torch.Tensor]:
     from distgan.training.gan import gan_step
 
-    accelerator, tc, gan, real = tiny_gan(**train)
+    accelerator, tc, gan, real = tiny_gan(TINY, images(count=4), **train)
     gan.augment.restore(p)
     torch.manual_seed(3)  # z and the augmentations' draws
     for step in range(steps):

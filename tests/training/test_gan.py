@@ -6,15 +6,19 @@ import pytest
 import torch
 
 from distgan.config.config import make_config
+from distgan.config.model import ModelConfig
 from distgan.errors import UserError
-from tests.models.test_augment import tiny_gan
+from tests.helpers import tiny_gan
+
+TINY = ModelConfig(resolution=32, g_channels=8, d_channels=8, z_dim=16)
 
 
 def d_weights_after(step: int, **train) -> tuple[list[torch.Tensor], float]:
     """D's weights after one GAN step numbered `step` from the same start, and the logged loss."""
     from distgan.training.gan import gan_step
 
-    accelerator, tc, gan, real = tiny_gan(augment="none", **train)
+    real = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    accelerator, tc, gan, real = tiny_gan(TINY, real, augment="none", **train)
     torch.manual_seed(3)
     out = gan_step(accelerator, tc, gan, real, step)
     weights = [p.detach().clone() for p in gan.discriminator.parameters()]
