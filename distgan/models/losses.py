@@ -37,29 +37,36 @@ def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"loss={kind!r} is not allowed: use one of {', '.join(LOSSES)}")
 
 
+def input_gradient(
+    discriminator: nn.Module, images: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+) -> torch.Tensor:
+    """d sum(D(images)) / d images in float32, kept in the graph (create_graph) so that a penalty
+    on it trains D. Under fp16 the gradient is taken of the *scaled* output (so it does not
+    underflow) and then unscaled, as in PyTorch's AMP recipe for gradient penalties; an overflow
+    makes it non-finite, and the scaler skips that step like any other overflow."""
+    images = images.requires_grad_(True)
+    output = discriminator(images).float().sum()
+    scaled = scaler is not None and scaler.is_enabled()
+    if scaled:
+        output = scaler.scale(output)
+    (grad,) = torch.autograd.grad(output, images, create_graph=True)
+    grad = grad.float()
+    if scaled:
+        # scaler.scale(1) is the scale as a tensor: no host sync, unlike get_scale().
+        grad = grad / scaler.scale(torch.ones((), device=grad.device))
+    return grad
+
+
 def gradient_penalty(
     discriminator: nn.Module,
     real: torch.Tensor,
     fake: torch.Tensor,
     scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
-    """WGAN-GP penalty E[(||grad_x D(x_hat)||_2 - 1)^2] at random interpolates of real and fake.
-
-    Under fp16 the gradient is taken of the *scaled* output (so it does not underflow) and then
-    unscaled in float32, as in PyTorch's AMP recipe for gradient penalties. An overflow makes the
-    penalty non-finite, so the scaler skips that step like any other overflow.
-    """
+    """WGAN-GP penalty E[(||grad_x D(x_hat)||_2 - 1)^2] at random interpolates of real and fake."""
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
-    interpolates = torch.lerp(fake.detach(), real.detach(), alpha).requires_grad_(True)
-    output = discriminator(interpolates).float().sum()
-    scaled = scaler is not None and scaler.is_enabled()
-    if scaled:
-        output = scaler.scale(output)
-    (grad,) = torch.autograd.grad(output, interpolates, create_graph=True)
-    grad = grad.float()
-    if scaled:
-        # scaler.scale(1) is the scale as a tensor: no host sync, unlike get_scale().
-        grad = grad / scaler.scale(torch.ones((), device=grad.device))
+    interpolates = torch.lerp(fake.detach(), real.detach(), alpha)
+    grad = input_gradient(discriminator, interpolates, scaler)
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
 
 
@@ -67,15 +74,6 @@ def r1_penalty(
     discriminator: nn.Module, real: torch.Tensor, scaler: torch.amp.GradScaler | None = None
 ) -> torch.Tensor:
     """R1 (Mescheder et al., 2018): E[||grad_x D(x)||_2^2] at the real images D sees. It pulls
-    D's gradients towards zero where the data is, which keeps D from overshooting there. Under
-    fp16 the gradient is taken of the scaled output and unscaled, as in gradient_penalty."""
-    real = real.detach().requires_grad_(True)
-    output = discriminator(real).float().sum()
-    scaled = scaler is not None and scaler.is_enabled()
-    if scaled:
-        output = scaler.scale(output)
-    (grad,) = torch.autograd.grad(output, real, create_graph=True)
-    grad = grad.float()
-    if scaled:
-        grad = grad / scaler.scale(torch.ones((), device=grad.device))
+    D's gradients towards zero where the data is, which keeps D from overshooting there."""
+    grad = input_gradient(discriminator, real.detach(), scaler)
     return grad.square().flatten(1).sum(1).mean()
