@@ -93,9 +93,10 @@ def survey_folder(data_dir: str | os.PathLike) -> ImageFolder:
     if not root.is_dir():
         raise NotADirectoryError(f"data_dir {root} is not a folder: pass the folder of images")
     files, skipped = [], []
+    absolute = root.resolve()  # once: resolving each file costs more than the walk
     for path in root.rglob("*"):
         if path.suffix.lower() in FORMAT_BY_EXTENSION and path.is_file():
-            files.append(str(path.resolve()))
+            files.append(str(absolute / path.relative_to(root)))
         elif not path.is_dir():  # other files, and broken links
             skipped.append(str(path.relative_to(root)))
     folder = ImageFolder(root, sorted(files), sorted(skipped))

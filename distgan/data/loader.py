@@ -142,6 +142,15 @@ class ImageLoader:
             decoded_cache=dc.decoded_cache,
         )
 
+    def plan_cache(self, first_step: int, last_step: int) -> bool:
+        """Whether the decoded cache is still planned for a run of steps [first_step, last_step):
+        a run within one epoch reads each image at most once, so it streams instead (decoding
+        every image ahead would only delay its first step)."""
+        if self.cache_planned:
+            spe = self.steps_per_epoch
+            self.cache_planned = first_step // spe != (last_step - 1) // spe
+        return self.cache_planned
+
     def _pipeline(self, files: list[str], flips: np.ndarray | None, seed: int, shard: tuple):
         """DALI: read `files` (shard `shard` = (id, count)), decode, crop, resize, flip by `flips`
         and normalise to float; without `flips`, no flip and uint8 out (for the cache)."""

@@ -111,8 +111,8 @@ class Trainer:
             clean_unfinished(self.out_dir / "checkpoints")  # a crash's staging: never resumed
         self.accelerator.wait_for_everyone()
         # Before the data: W&B may refuse to start.
-        start_step = self.saved.step if self.saved is not None else 0
-        self.tracking = Tracking(self.accelerator, self.cfg, start_step=start_step)
+        self.start_step = self.saved.step if self.saved is not None else 0
+        self.tracking = Tracking(self.accelerator, self.cfg, start_step=self.start_step)
 
     def _load_data(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
@@ -123,13 +123,14 @@ class Trainer:
             channels = resolve_channels(accelerator, cfg.data.channels, self.files)
             self.cfg = replace(cfg, model=replace(cfg.model, channels=channels))
         self.loader = ImageLoader.for_run(self.files, self.cfg, accelerator)
-        if self.cfg.data.decoded_cache == "auto":
+        tc = self.cfg.train
+        self.total_steps = tc.max_steps or tc.epochs * self.loader.steps_per_epoch
+        if self.loader.plan_cache(self.start_step, self.total_steps):
             setup.build_cache(self.loader, accelerator.print)
 
     def _build_gan_and_state(self) -> None:
         tc, model_cfg, accelerator = self.cfg.train, self.cfg.model, self.accelerator
         self.global_batch = order.global_batch(accelerator.num_processes, tc.batch_size)
-        self.total_steps = tc.max_steps or tc.epochs * self.loader.steps_per_epoch
         self.gan = build_gan(accelerator, model_cfg, tc, self.start)
         seeded = torch.Generator().manual_seed(tc.seed)
         self.fixed_z = sample_latents(model_cfg, self.cfg.outputs.num_samples, generator=seeded)

@@ -190,6 +190,21 @@ def test_batches_are_nchw_laid_out_channels_last(jpeg_folder):
         assert batch.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_decoded_cache_is_dropped_for_a_run_within_one_epoch(jpeg_folder):
+    files = find_images(jpeg_folder)
+    spe = loader(files).steps_per_epoch
+    assert spe > 1
+    assert not loader(files, decoded_cache="auto").plan_cache(0, spe)  # steps 0 .. spe-1
+    assert not loader(files, decoded_cache="auto").plan_cache(spe + 1, 2 * spe)  # a resume
+    assert loader(files, decoded_cache="auto").plan_cache(0, spe + 1)
+    assert loader(files, decoded_cache="auto").plan_cache(spe - 1, spe + 1)
+    assert not loader(files, decoded_cache="off").plan_cache(0, 10 * spe)
+    within = loader(files, decoded_cache="auto")
+    within.plan_cache(0, 1)
+    next(within.epoch(0))
+    assert within.cache is None
+
+
 def test_decoded_cache_streams_when_memory_is_short(monkeypatch, jpeg_folder):
     files = find_images(jpeg_folder)
     monkeypatch.setattr(data_module, "memory_for_cache", lambda device: 0)
