@@ -99,11 +99,16 @@ class TrainerRun:
             resolution=model.resolution,
             channels=model.channels,
         )
+        # A conditional model's labels: every class, as a batch of the data would hold them.
+        classes = torch.arange(batch_size) % max(1, model.num_classes)
+        self.labels = classes.to(device) if model.classes else None
         self.step_index = 0
         self.last = None
 
     def step(self) -> None:
-        self.last = gan_step(self.accelerator, self.config, self.gan, self.real, self.step_index)
+        self.last = gan_step(
+            self.accelerator, self.config, self.gan, self.real, self.step_index, labels=self.labels
+        )
         self.step_index += 1
 
     def steps(self, count: int) -> int:
@@ -154,8 +159,9 @@ def top_ops(run, steps: int, limit: int = 12) -> list[dict]:
 
 def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
     """The step of each kind of data's recipe next to the step of the trainer's defaults at the
-    same shapes: 28 px grayscale digits (launch/configs/mnist28.toml) and 64 px RGB faces (the
-    defaults themselves, which are the faces' recipe: timed twice, their spread is the noise)."""
+    same shapes: 28 px grayscale digits (launch/configs/mnist28.toml, also class-conditional on
+    the ten digits) and 64 px RGB faces (the defaults themselves, which are the faces' recipe:
+    timed twice, their spread is the noise)."""
     digits = make_config(load_toml(DIGITS_RECIPE))
     recipe = {
         f.name: getattr(digits.train, f.name)
@@ -163,9 +169,12 @@ def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
         if f.name in digits.given and f.name not in BENCH_FIELDS
     }
     gray = dataclasses.replace(digits.model, channels=1)
+    ten = [str(d) for d in range(10)]
+    labelled = dataclasses.replace(gray, conditioning="class", classes=ten)
     shapes = {
         "28 px gray, defaults": (ModelConfig(resolution=28, channels=1), {}),
         "28 px gray, mnist28.toml": (gray, recipe),
+        "28 px gray, mnist28.toml, 10 classes": (labelled, recipe),
         "64 px RGB, defaults": (ModelConfig(resolution=64), {}),
         "64 px RGB, defaults again": (ModelConfig(resolution=64), {}),
     }

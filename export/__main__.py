@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write one PNG per seed (onnxruntime, numpy and Pillow only). Each image's z "
         "comes from its seed alone, so a face is the same at any batch size and in the web page; "
         "z is N(0, 1) or U[-1, 1] as the model was trained (its metadata says which), and "
-        "grayscale models give grayscale PNGs.",
+        "grayscale models give grayscale PNGs. A conditional model needs --class.",
     )
     gen.add_argument("--model", required=True, help="the exported .onnx file")
     gen.add_argument(
@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="also write a K-frame latent walk from the first seed to the last "
         "(interpolation.png and interpolation.gif)",
+    )
+    gen.add_argument(
+        "--class",
+        dest="label",
+        metavar="CLASS",
+        help="for a conditional model: the class, by name or else index (e.g. 7); for attributes, "
+        "those switched on (e.g. Smiling,Male; none for none); all: one subfolder and one grid "
+        "row per class (or attribute combination). The class does not change z: the same seed "
+        "and class give the same image",
     )
     gen.add_argument("--z-dim", type=int, help="latent size, for models without distgan metadata")
     gen.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                 interpolate=args.interpolate,
                 z_dim=args.z_dim,
                 device=args.device,
+                label=args.label,
             )
             print(f"wrote {len(paths)} images to {args.out_dir}")
         else:

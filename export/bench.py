@@ -1,9 +1,10 @@
 """`python -m export bench`: images/s of the exported model under onnxruntime vs the same weights in
 PyTorch eager fp32, measured in one run, alternating, median of repeats.
 
-Both sides do the same work: numpy z in, the image on the host as numpy out, so on CUDA both pay
-the upload of z and the download of the image. Each row names the device onnxruntime really ran
-on: a CUDA provider that fails to load falls back to the CPU, and PyTorch then runs there too.
+Both sides do the same work: numpy z (and, for a conditional model, labels) in, the image on the
+host as numpy out, so on CUDA both pay the upload of the inputs and the download of the image.
+Each row names the device onnxruntime really ran on: a CUDA provider that fails to load falls
+back to the CPU, and PyTorch then runs there too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from distgan.errors import UserError
 from distgan.outputs.checkpoint import load_generator
 from distgan.runtime.ort_providers import cuda_device_count
 from export.generate import Runner
+from export.labels import random_labels
 from export.runtime import create_session, model_info, session_device
 
 MIN_SECONDS = 0.3  # each timed repeat runs at least this long, so batch 1 is not timer noise
@@ -37,19 +39,21 @@ def _time(run, min_seconds: float = MIN_SECONDS) -> float:
             return elapsed / calls
 
 
-def torch_side(generator, z: np.ndarray, device: torch.device):
-    """PyTorch doing what Runner does: numpy z in, numpy image on the host out."""
+def torch_side(generator, z: np.ndarray, device: torch.device, labels: np.ndarray | None = None):
+    """PyTorch doing what Runner does: numpy z (and labels) in, numpy image on the host out."""
 
     def run() -> np.ndarray:
         with torch.no_grad():
-            return generator(torch.from_numpy(z).to(device)).cpu().numpy()  # .cpu() waits for it
+            label = None if labels is None else torch.from_numpy(labels).to(device)
+            return generator(torch.from_numpy(z).to(device), label).cpu().numpy()  # .cpu() waits
 
     return run
 
 
-def ort_side(runner: Runner, z: np.ndarray):
-    """onnxruntime through Runner (IO binding on CUDA): numpy z in, numpy image out."""
-    return lambda: runner(z)
+def ort_side(runner: Runner, z: np.ndarray, labels: np.ndarray | None = None):
+    """onnxruntime through Runner (IO binding on CUDA): numpy z (and labels) in, numpy image
+    out."""
+    return lambda: runner(z, labels)
 
 
 def measure(model_path, generator_path, batch_sizes, repeats: int, device: str) -> list[dict]:
@@ -65,8 +69,11 @@ def measure(model_path, generator_path, batch_sizes, repeats: int, device: str) 
     generator = generator.to(torch_device)
     rows = []
     for batch in batch_sizes:
-        z = np.random.default_rng(0).standard_normal((batch, info.z_dim), dtype=np.float32)
-        run_torch, run_ort = torch_side(generator, z, torch_device), ort_side(runner, z)
+        rng = np.random.default_rng(0)
+        z = rng.standard_normal((batch, info.z_dim), dtype=np.float32)
+        labels = random_labels(info.conditioning, len(info.classes), batch, rng)
+        run_torch = torch_side(generator, z, torch_device, labels)
+        run_ort = ort_side(runner, z, labels)
         run_torch(), run_ort()  # warm-up: allocations, algorithm choice
         ort_times, torch_times = [], []
         for _ in range(repeats):  # alternate, so drift in the machine hits both alike
@@ -104,7 +111,8 @@ def bench(model_path, generator_path, batch_sizes, repeats: int = 5) -> list[dic
     devices = ["cpu"] + (["cuda"] if cuda_device_count() and torch.cuda.is_available() else [])
     threads = f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}"
     print(f"model {model_path}; PyTorch weights {generator_path}; {threads}")
-    print("both sides: numpy z in, numpy image out (on CUDA: upload and download included)")
+    inputs = "numpy z" + (" and labels" if model_info(session).conditioning != "none" else "")
+    print(f"both sides: {inputs} in, numpy image out (on CUDA: upload and download included)")
     print("| device | batch | onnxruntime img/s | PyTorch eager fp32 img/s | ratio |")
     print("|---|---:|---:|---:|---:|")
     rows = []

@@ -2,13 +2,15 @@
 
 onnxruntime, numpy and Pillow only: no torch, so it runs wherever onnxruntime does. Each image is
 drawn from its own seed (export/latents.py), so any face can be made again alone at any batch
-size. Batches run on the GPU with IO binding when there is one; PNGs are written by a thread pool
-while the next batch is generated.
+size. A conditional model is asked for a class (`--class`, export/labels.py), which does not
+change z: the same seed and class give the same image. Batches run on the GPU with IO binding
+when there is one; PNGs are written by a thread pool while the next batch is generated.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,8 +21,11 @@ import onnxruntime as ort
 from PIL import Image
 
 from distgan.errors import UserError, first_line, require_writable_dir
+from export.labels import select_labels
 from export.latents import MAX_SEED, check_truncation, latents, parse_seeds
 from export.runtime import create_session, model_info, running_on, session_device
+
+GRID_COLUMNS = 16  # with --class all: the grid shows the first 16 seeds of each class
 
 
 def slerp(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
@@ -80,29 +85,33 @@ def seed_file_name(seed: int) -> str:
 
 
 class Runner:
-    """Runs batches of z through a session: IO binding on CUDA, plain run on CPU."""
+    """Runs batches of z (and, for a conditional model, their labels) through a session: IO
+    binding on CUDA, plain run on CPU."""
 
     def __init__(self, session: ort.InferenceSession):
         self.session = session
         self.on_cuda = session_device(session) == "cuda"
-        self.input_name = session.get_inputs()[0].name
+        self.input_names = [i.name for i in session.get_inputs()]
         self.output_name = session.get_outputs()[0].name
 
-    def __call__(self, z: np.ndarray) -> np.ndarray:
+    def __call__(self, z: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         try:
-            return self._run(z)
+            return self._run(z, labels)
         except Exception as err:  # onnxruntime's own error types: a shape or type the model rejects
-            expected = self.session.get_inputs()[0].shape
+            expected = [i.shape for i in self.session.get_inputs()]
+            given = [list(z.shape)] + ([] if labels is None else [list(labels.shape)])
             detail = first_line(err, 160)
             raise UserError(
-                f"the model rejected z of shape {list(z.shape)} (it takes {expected}): {detail}"
+                f"the model rejected inputs of shapes {given} (it takes {expected}): {detail}"
             ) from None
 
-    def _run(self, z: np.ndarray) -> np.ndarray:
+    def _run(self, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        feeds = dict(zip(self.input_names, [z] if labels is None else [z, labels], strict=True))
         if not self.on_cuda:
-            return self.session.run([self.output_name], {self.input_name: z})[0]
+            return self.session.run([self.output_name], feeds)[0]
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0))
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
         binding.bind_output(self.output_name, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
@@ -120,6 +129,32 @@ def save_grid(pixels: np.ndarray, path: Path, columns: int | None = None) -> Non
     Image.fromarray(grid).save(path)
 
 
+def row_folder(name: str, index: int) -> str:
+    """The subfolder of a grid row's images (`--class all`): its name, made safe for a path
+    ("Smiling + Male" -> "Smiling+Male")."""
+    safe = re.sub(r"[^\w.+-]", "_", name.replace(" + ", "+"))
+    return f"class{index}" if safe.strip(".") == "" else safe
+
+
+class Progress:
+    """ "generated 40/100 (350 images/s)" on stderr, updated in place."""
+
+    def __init__(self, total: int, shown: bool):
+        self.total, self.shown, self.done = total, shown, 0
+        self.start = time.perf_counter()
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.shown:
+            rate = self.done / (time.perf_counter() - self.start)
+            line = f"\rgenerated {self.done}/{self.total} ({rate:.0f} images/s)"
+            print(line, end="", file=sys.stderr)
+
+    def end(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
+
+
 def generate(
     model: str | Path,
     seeds: list[int],
@@ -134,10 +169,16 @@ def generate(
     z_dim: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    label: str | None = None,
 ) -> list[Path]:
     """Write one PNG per seed to `out_dir` (`names`, else seed0000.png, ...): image i comes from
     the z of seeds[i] alone. Optionally a grid of the first 64, and an interpolation from the
-    first seed's z to the last's."""
+    first seed's z to the last's.
+
+    A conditional model needs `label` (`--class`, export/labels.py): one class for every image,
+    or "all": then each grid row (class, or attribute combination) has its own subfolder of
+    `out_dir` with one PNG per seed, and the grid (`grid`, else OUT_DIR/grid.png) has one row
+    per class and a column per seed (the first GRID_COLUMNS)."""
     names = names or [seed_file_name(s) for s in seeds]
     if not seeds or len(names) != len(seeds):
         raise ValueError(f"{len(seeds)} seeds and {len(names)} file names")
@@ -151,6 +192,9 @@ def generate(
     out_dir = Path(out_dir)
     session = create_session(model, device)
     info = model_info(session, z_dim)
+    rows = select_labels(label, info.conditioning, info.classes)
+    if rows is not None and len(rows) > 1 and interpolate:
+        raise UserError("--interpolate walks within one class: give --class NAME, not --class all")
     require_writable_dir(out_dir, "--out-dir")
     run = Runner(session)
     if progress:  # what really runs: "auto" falls back to the CPU when CUDA does not load
@@ -160,38 +204,56 @@ def generate(
     def z_of(chosen: list[int]) -> np.ndarray:
         return latents(chosen, info.z_dim, info.z_distribution, **truncation)
 
-    num = len(seeds)
-    paths = [out_dir / name for name in names]
-    grid_pixels = []
-    start = time.perf_counter()
+    by_row = rows is not None and len(rows) > 1
+    folders = [out_dir / row_folder(row.name, i) for i, row in enumerate(rows)] if by_row else []
+    for folder in folders:
+        require_writable_dir(folder, "--out-dir")
+    jobs = list(zip(rows, folders, strict=True)) if by_row else [((rows or [None])[0], out_dir)]
+    counter = Progress(len(jobs) * len(seeds), progress)
+    paths, firsts = [], []  # each job's first images, for the grid
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as writers:
-        pending: list[Future] = []
-        for first in range(0, num, batch_size):
-            pixels = to_pixels(run(z_of(seeds[first : first + batch_size])))
-            pending += [
-                writers.submit(Image.fromarray(image).save, paths[first + k])
-                for k, image in enumerate(pixels)
-            ]
-            if grid and sum(len(p) for p in grid_pixels) < 64:
-                grid_pixels.append(pixels[: 64 - sum(len(p) for p in grid_pixels)])
-            while len(pending) > 4 * batch_size:  # bound memory: let the writers catch up
-                pending.pop(0).result()
-            if progress:
-                done = min(first + batch_size, num)
-                rate = done / (time.perf_counter() - start)
-                print(f"\rgenerated {done}/{num} ({rate:.0f} images/s)", end="", file=sys.stderr)
-        for job in pending:
-            job.result()
-    if progress:
-        print(file=sys.stderr)
-    if grid:
-        save_grid(np.concatenate(grid_pixels), Path(grid))
+        for row, folder in jobs:
+            written, first_images = write_images(
+                run, z_of, row, seeds, [folder / n for n in names], batch_size, writers, counter
+            )
+            paths += written
+            firsts.append(first_images)
+    counter.end()
+    if by_row:  # one row per class: the first GRID_COLUMNS seeds
+        columns = min(len(seeds), GRID_COLUMNS)
+        rows_pixels = np.concatenate([pixels[:columns] for pixels in firsts])
+        save_grid(rows_pixels, Path(grid or out_dir / "grid.png"), columns)
+    elif grid:
+        save_grid(firsts[0], Path(grid))
     if interpolate:
         ends = z_of([seeds[0], seeds[-1]])
         walk = interpolate_latents(ends[0], ends[1], interpolate, info.z_distribution)
-        frames = to_pixels(run(walk))
+        frames = to_pixels(run(walk, None if rows is None else rows[0].batch(interpolate)))
         save_grid(frames, out_dir / "interpolation.png", columns=interpolate)
         loop = [Image.fromarray(f) for f in np.concatenate([frames, frames[-2:0:-1]])]  # ping-pong
         animation = dict(save_all=True, append_images=loop[1:], duration=80, loop=0)
         loop[0].save(out_dir / "interpolation.gif", **animation)
     return paths
+
+
+def write_images(run, z_of, row, seeds, paths, batch_size, writers, counter, keep=64):
+    """Generate the images of `seeds` (with `row`'s label, if any) batch by batch and have
+    `writers` save them to `paths`; returns the paths and the pixels of the first `keep`."""
+    pending: list[Future] = []
+    kept = []
+    for first in range(0, len(seeds), batch_size):
+        chosen = seeds[first : first + batch_size]
+        labels = None if row is None else row.batch(len(chosen))
+        pixels = to_pixels(run(z_of(chosen), labels))
+        pending += [
+            writers.submit(Image.fromarray(image).save, paths[first + k])
+            for k, image in enumerate(pixels)
+        ]
+        if sum(len(p) for p in kept) < keep:
+            kept.append(pixels[: keep - sum(len(p) for p in kept)])
+        while len(pending) > 4 * batch_size:  # bound memory: let the writers catch up
+            pending.pop(0).result()
+        counter.add(len(chosen))
+    for job in pending:
+        job.result()
+    return paths, np.concatenate(kept)

@@ -1,10 +1,12 @@
 """Generator -> ONNX: the EMA generator with BatchNorm folded into its convolutions, a dynamic batch
-axis, distgan metadata, and a check against PyTorch before the file is kept."""
+axis, distgan metadata, and a check against PyTorch before the file is kept. A conditional
+generator gets a second input, `label` (export/labels.py), and its class names in the metadata."""
 
 from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,20 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from distgan import __version__
 from distgan.errors import UserError, first_line
+from distgan.models.conditioning import ConditionalBatchNorm2d
 from distgan.models.dcgan import Generator, sample_latents
 from distgan.outputs.checkpoint import load_generator
 from distgan.outputs.generator_file import GENERATOR_WEIGHTS
 from distgan.runtime.files import write_atomically
 from distgan.runtime.ort_providers import pick_providers
-from export.runtime import FLOAT_OUTPUT, UINT8_OUTPUT, create_session, session_device
+from export.labels import check_labels
+from export.runtime import (
+    FLOAT_OUTPUT,
+    LABEL_INPUT,
+    UINT8_OUTPUT,
+    create_session,
+    session_device,
+)
 
 OPSET = 18
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -29,43 +39,59 @@ CHECK_BATCHES = (1, 7, 64)
 
 def fold_batchnorm(generator: Generator) -> nn.Sequential:
     """G's layers with each BatchNorm folded into the transposed conv before it (eval statistics):
-    fewer ops at inference, and the same function."""
+    fewer ops at inference, and the same function. A conditional BatchNorm's normalisation folds
+    the same way (it has no affine of its own); the layer stays, as the label's gain and bias."""
     layers = list(copy.deepcopy(generator).eval().net)
     folded: list[nn.Module] = []
     for layer in layers:
         if isinstance(layer, nn.BatchNorm2d):
             folded[-1] = fuse_conv_bn_eval(folded[-1], layer, transpose=True)
-        else:
-            folded.append(layer)
+            continue
+        if isinstance(layer, ConditionalBatchNorm2d):
+            folded[-1] = fuse_conv_bn_eval(folded[-1], layer.norm, transpose=True)
+            layer.norm = nn.Identity()
+        folded.append(layer)
     return nn.Sequential(*folded)
 
 
 class InferenceGenerator(nn.Module):
-    """What the ONNX graph computes: z [B, z_dim] float32 -> image, float32 [B, C, H, W] in [-1, 1]
-    or, with `uint8`, [B, H, W, C] uint8 pixels ready to save (C: 3 RGB, or 1 gray). `half`
-    computes in fp16 inside."""
+    """What the ONNX graph computes: z [B, z_dim] float32 (and, when conditional, label: int64
+    class indices [B] or float32 multi-hot attributes [B, K]) -> image, float32 [B, C, H, W] in
+    [-1, 1] or, with `uint8`, [B, H, W, C] uint8 pixels ready to save (C: 3 RGB, or 1 gray).
+    `half` computes the convolutions in fp16 inside (a label's maps stay fp32)."""
 
     def __init__(self, generator: Generator, *, uint8: bool = False, half: bool = False):
         super().__init__()
         self.z_dim = generator.config.z_dim
         self.net = fold_batchnorm(generator)
+        if generator.config.classes:  # G's own forward, which feeds the label, on the folded net
+            self.generator = copy.deepcopy(generator).eval()
+            self.generator.net = self.net
         self.uint8, self.half = uint8, half
-        if half:
-            self.net.half()
+        for layer in self.net if half else []:
+            if isinstance(layer, nn.ConvTranspose2d):
+                layer.half()
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = z.reshape(z.shape[0], self.z_dim, 1, 1)
-        image = self.net(x.half() if self.half else x).float()
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        if label is None:
+            x = z.reshape(z.shape[0], self.z_dim, 1, 1)
+            image = self.net(x.half() if self.half else x).float()
+        else:
+            image = self.generator(z.half() if self.half else z, label).float()
         if self.uint8:
             pixels = torch.clamp((image + 1.0) * 127.5 + 0.5, 0.0, 255.0)
             return pixels.to(torch.uint8).permute(0, 2, 3, 1)
         return image
 
 
-def reference_output(generator: Generator, z: np.ndarray, *, uint8: bool) -> np.ndarray:
-    """The unfolded fp32 PyTorch generator's output for `z`, in the ONNX output's format."""
+def reference_output(
+    generator: Generator, z: np.ndarray, *, uint8: bool, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """The unfolded fp32 PyTorch generator's output for `z` (and `labels`), in the ONNX output's
+    format."""
+    labels = None if labels is None else torch.from_numpy(labels)
     with torch.no_grad():
-        image = generator.eval()(torch.from_numpy(z))
+        image = generator.eval()(torch.from_numpy(z), labels)
     if uint8:
         image = torch.clamp((image + 1.0) * 127.5 + 0.5, 0.0, 255.0).floor().permute(0, 2, 3, 1)
     return image.numpy()
@@ -91,13 +117,20 @@ def export_onnx(
     module = InferenceGenerator(generator, uint8=uint8, half=fp16).eval()
     config = generator.config
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad():
+    example = (sample_latents(config, 2),)
+    dynamic_shapes = {"z": {0: batch}}
+    if config.classes:  # a second input, on the same batch axis
+        example += (torch.from_numpy(check_labels(config.conditioning, config.num_classes, 2)),)
+        dynamic_shapes[LABEL_INPUT] = {0: batch}
+    with torch.no_grad(), warnings.catch_warnings():
+        # z and label share the batch axis: the exporter says it names that axis once
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
         program = torch.onnx.export(
             module,
-            (sample_latents(config, 2),),
+            example,
             dynamo=True,
-            dynamic_shapes={"z": {0: batch}},
-            input_names=["z"],
+            dynamic_shapes=dynamic_shapes,
+            input_names=list(dynamic_shapes),
             output_names=["image"],
             opset_version=OPSET,
             external_data=False,
@@ -114,6 +147,8 @@ def export_onnx(
         "precision": precision,
         "step": str(meta.get("step", "")),
         "model_config": json.dumps(config.to_dict()),
+        "conditioning": config.conditioning,  # "none", "class" or "attributes"
+        "classes": json.dumps(config.classes),  # the names, in label order ([] when "none")
         "source_generator": str(Path(generator_path).resolve()),  # for `python -m export bench`
     }
     for key, value in metadata.items():
@@ -140,7 +175,8 @@ def cuda_session(path: Path, log=print):
 
 def verify(path: Path, generator: Generator, *, uint8: bool, tolerance: float, log=print) -> dict:
     """onnxruntime vs PyTorch on fresh random z (from the model's z distribution) at several
-    batch sizes; raise if out of tolerance.
+    batch sizes, and for a conditional model on labels drawn the same every time
+    (export.labels.check_labels: every class at batch 64); raise if out of tolerance.
 
     The check runs on the CPU provider: onnxruntime's CUDA convolutions use TF32 by default
     (errors ~1e-3), so on a GPU the CUDA provider's error is measured too, logged and returned
@@ -152,10 +188,13 @@ def verify(path: Path, generator: Generator, *, uint8: bool, tolerance: float, l
     limit = max(1.0, float(np.ceil(tolerance * 127.5))) if uint8 else tolerance
     unit = " levels" if uint8 else ""
     errors, gpu_errors = {}, {}
+    config = generator.config
     for batch in CHECK_BATCHES:
-        z = sample_latents(generator.config, batch).numpy()
-        ours = session.run(["image"], {"z": z})[0].astype(np.float32)
-        reference = reference_output(generator, z, uint8=uint8)
+        z = sample_latents(config, batch).numpy()
+        labels = check_labels(config.conditioning, config.num_classes, batch)
+        feeds = {"z": z} if labels is None else {"z": z, LABEL_INPUT: labels}
+        ours = session.run(["image"], feeds)[0].astype(np.float32)
+        reference = reference_output(generator, z, uint8=uint8, labels=labels)
         if ours.shape != reference.shape:
             raise RuntimeError(f"ONNX output shape {ours.shape} != PyTorch {reference.shape}")
         errors[batch] = float(np.abs(ours - reference).max())
@@ -163,7 +202,7 @@ def verify(path: Path, generator: Generator, *, uint8: bool, tolerance: float, l
         line = f"batch {batch:3d}: max abs error vs PyTorch {error} (limit {limit:g})"
         if on_gpu is not None:
             try:
-                gpu = on_gpu.run(["image"], {"z": z})[0].astype(np.float32)
+                gpu = on_gpu.run(["image"], feeds)[0].astype(np.float32)
             except Exception as err:  # an informative figure: a CUDA failure must not fail export
                 detail = first_line(err, 160)
                 log(f"CUDA provider failed ({detail}): no GPU figure")

@@ -3,6 +3,7 @@ chooses), and the model's distgan metadata."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import onnxruntime as ort
 from distgan.errors import UserError, first_line  # a torch-free module
 from distgan.runtime.ort_cuda import cuda_provider_problem  # torch-free too
 from distgan.runtime.ort_providers import CPU_ONLY, pick_providers  # torch-free too
+from export.labels import CONDITIONINGS
 from export.latents import Z_DISTRIBUTIONS
 
 # The output's layout; its channels (3 RGB, 1 gray) are the "channels" key. Older exports wrote
 # "... NCHW RGB ..." / "... NHWC RGB ...": nothing compares the text, readers go by the output type.
 FLOAT_OUTPUT = "float32 NCHW in [-1, 1]"
 UINT8_OUTPUT = "uint8 NHWC in [0, 255]"
+LABEL_INPUT = "label"  # a conditional model's second input (export/labels.py)
 
 
 def create_session(
@@ -99,15 +102,28 @@ class ModelInfo:
     """How the model was trained to read z: "normal" N(0, 1) or "uniform" U[-1, 1]."""
     channels: int = 3
     """3 for RGB images, 1 for grayscale."""
+    conditioning: str = "none"
+    """What the `label` input takes: "none" (no such input), "class" (int64 class indices [B])
+    or "attributes" (float32 multi-hot [B, K])."""
+    classes: tuple[str, ...] = ()
+    """The class or attribute names, in label order (empty when unconditional)."""
 
 
 def model_info(session: ort.InferenceSession, z_dim: int | None = None) -> ModelInfo:
     """The model's distgan metadata; `z_dim` given by hand serves models exported elsewhere."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or len(inputs[0].shape) != 2:
-        shapes = [(i.name, i.shape) for i in inputs]
-        raise UserError(f"the model's inputs {shapes} are not one [batch, z_dim] latent input")
     meta = session.get_modelmeta().custom_metadata_map
+    conditioning, classes = read_conditioning(meta)
+    label_rank = {"none": None, "class": 1, "attributes": 2}[conditioning]
+    ranks = [len(i.shape) for i in inputs]
+    if ranks != [2] + ([label_rank] if label_rank else []):
+        shapes = [(i.name, i.shape) for i in inputs]
+        wanted = {
+            "none": "one [batch, z_dim] latent input",
+            "class": "a [batch, z_dim] latent input and a [batch] class label input",
+            "attributes": "a [batch, z_dim] latent input and a [batch, K] attribute label input",
+        }[conditioning]
+        raise UserError(f"the model's inputs {shapes} are not {wanted}")
     declared = inputs[0].shape[1]
     if z_dim is not None and isinstance(declared, int) and z_dim != declared:
         raise UserError(f"--z-dim {z_dim} does not match the model's input [batch, {declared}]")
@@ -130,7 +146,34 @@ def model_info(session: ort.InferenceSession, z_dim: int | None = None) -> Model
         step=meta.get("step", ""),
         z_distribution=read_z_distribution(meta),
         channels=read_channels(meta, outputs[0].shape, outputs[0].type == "tensor(uint8)"),
+        conditioning=conditioning,
+        classes=classes,
     )
+
+
+def read_conditioning(meta: dict) -> tuple[str, tuple[str, ...]]:
+    """The metadata's "conditioning" and "classes" (a JSON list of names); models from before
+    conditioning, and foreign ones, are unconditional."""
+    conditioning = meta.get("conditioning", "none")
+    if conditioning not in CONDITIONINGS:
+        raise UserError(
+            f"the model's conditioning {conditioning!r} is not one of {', '.join(CONDITIONINGS)}: "
+            "re-export it with `python -m export onnx`"
+        )
+    try:
+        classes = json.loads(meta.get("classes", "[]"))
+        if not isinstance(classes, list):
+            raise ValueError("not a list")
+    except ValueError as err:
+        raise UserError(
+            f"the model's classes {meta['classes']!r} are not a JSON list ({err})"
+        ) from None
+    if (conditioning == "none") != (not classes):
+        raise UserError(
+            f"the model's metadata says conditioning {conditioning!r} with {len(classes)} classes:"
+            " re-export it with `python -m export onnx`"
+        )
+    return conditioning, tuple(str(name) for name in classes)
 
 
 def read_z_distribution(meta: dict) -> str:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,18 @@ def write_images(folder: Path, count: int, size=(40, 30), fmt="JPEG", start=0) -
         Image.new("RGB", size, solid_colour(i)).save(path, format=fmt, quality=95)
         paths.append(path)
     return paths
+
+
+def write_digits(folder, count: int, size: int = 28) -> None:
+    """`count` drawn digits (PIL's font, random place and size), white on black like MNIST."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        image = Image.new("L", (size, size))
+        font = ImageFont.load_default(size=int(rng.integers(16, 24)))
+        x, y = rng.integers(2, 10, size=2)
+        ImageDraw.Draw(image).text((int(x), int(y) - 4), str(i % 10), fill=255, font=font)
+        image.save(folder / f"{i:05d}.png")
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ BASES = range(4, 8)  # G starts from, and D ends on, a base x base map
 RESOLUTION_EXAMPLES = "28, 32, 40, 48, 56, 64, 96, 112, 128, 256"
 ZDistribution = Literal["normal", "uniform"]
 Init = Literal["normal", "xavier"]
+Conditioning = Literal["none", "class", "attributes"]
 
 
 def split_resolution(resolution: int) -> tuple[int, int] | None:
@@ -63,7 +64,27 @@ class ModelConfig:
     d_dropout: float = setting(0.0, on_resume="fixed")
     """Dropout probability after each hidden block of D (0 disables it)."""
 
+    conditioning: Conditioning = setting("none", on_resume="fixed", resolved=True)
+    """What G and D are conditioned on: none; class (one class per image, given as its index);
+    or attributes (any subset of `classes` per image, given as a multi-hot vector). Not a flag
+    of its own: training sets it from --labels (data)."""
+
+    classes: list[str] = setting(factory=list, on_resume="fixed", resolved=True)
+    """The class (or attribute) names, in label order; empty when unconditional. Stored with the
+    weights, so exports, the Hub card and `from_pretrained` name them."""
+
     def __post_init__(self) -> None:
+        if self.conditioning not in get_args(Conditioning):
+            listed = ", ".join(get_args(Conditioning))
+            raise ValueError(f"conditioning={self.conditioning!r} is not allowed: use {listed}")
+        self.classes = [str(name) for name in self.classes]
+        if (self.conditioning == "none") != (not self.classes):
+            raise ValueError(
+                f"conditioning={self.conditioning!r} with {len(self.classes)} classes: a "
+                "conditional model needs class names, an unconditional one none"
+            )
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes={self.classes} repeat a name: class names must be unique")
         resolution = self.resolution
         if (
             not isinstance(resolution, int)
@@ -101,6 +122,11 @@ class ModelConfig:
                 f"unknown model config keys {unknown}: this file is from another version"
             )
         return cls(**values)
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes (or attributes) the label has: 0 when unconditional."""
+        return len(self.classes)
 
     @property
     def base(self) -> int:

@@ -54,6 +54,19 @@ class DataConfig:
     smaller than the crop box), found by a scan at start-up: error (stop before training, with
     the list) or skip (train on the rest)."""
 
+    labels: str = setting("none", on_resume="fixed")
+    """What to condition G and D on: none (unconditional); folders (each image's class is its
+    subfolder, DIR/<class>/*.png, the ImageFolder layout); or a label file: a CSV of file,class
+    rows (paths relative to data_dir), or CelebA's list_attr_celeba.txt with --attributes."""
+
+    attributes: list[str] | None = setting(None, on_resume="fixed")
+    """With CelebA's attribute list as --labels: the attributes to condition on (multi-hot, any
+    subset per image), e.g. Smiling Male, or Smiling,Male."""
+
+    on_unlabelled: Literal["error", "skip"] = setting("error")
+    """Images the labels do not cover (outside any class folder, or not named in the label
+    file): error (stop before training, naming them) or skip (train on the labelled ones)."""
+
     builtin_faces: int = setting(10_000, positive=True, on_resume="fixed")
     """How many built-in faces to render (once, then cached) when data_dir is unset."""
 
@@ -67,6 +80,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.labels != "none" and self.data_dir is None:
+            raise ValueError(
+                f"labels={self.labels!r} needs data_dir: the built-in faces have no labels; "
+                "give --data-dir with labelled images"
+            )
+        if self.attributes is not None:
+            self.attributes = [a for item in self.attributes for a in str(item).split(",") if a]
+            if self.labels in ("none", "folders"):
+                raise ValueError(
+                    "attributes need a label file: pass CelebA's list_attr_celeba.txt as --labels"
+                )
         if self.crop_box is not None:
             box = list(self.crop_box)
             if len(box) != 4 or any(not isinstance(v, int) for v in box):

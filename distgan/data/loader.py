@@ -21,6 +21,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from distgan.data.folder import scan_images, survey_folder
+from distgan.data.labels import Labels
 from distgan.data.order import epoch_flips, epoch_order, shard_layout, steps_per_epoch
 from distgan.errors import exit_on_user_error
 from distgan.runtime.env import available_memory, local_processes
@@ -69,6 +70,13 @@ def memory_for_cache(device: torch.device) -> int:
     return free // 4 // processes_sharing(device, local_processes())
 
 
+def label_table(labels: Labels) -> torch.Tensor:
+    """The labels as a tensor: class indices int64 [N], or multi-hot attributes float32 [N, K]."""
+    if labels.conditioning == "class":
+        return torch.tensor(labels.values, dtype=torch.int64)
+    return torch.tensor(labels.values, dtype=torch.float32).reshape(-1, len(labels.classes))
+
+
 class ImageLoader:
     """One process's stream of image batches: float32 in [-1, 1], shaped NCHW (C = `channels`:
     3 for RGB, 1 for gray, which DALI converts colour images to) and laid out channels-last
@@ -95,8 +103,10 @@ class ImageLoader:
         num_threads: int = 2,
         device_id: int | None = None,
         decoded_cache: str = "off",
+        labels: torch.Tensor | None = None,
     ):
-        """`shard_id` is the global rank; `device_id` the local CUDA device, or None for CPU."""
+        """`shard_id` is the global rank; `device_id` the local CUDA device, or None for CPU;
+        `labels` one per file (class indices [N], or multi-hot attributes [N, K]), or None."""
         if not files:
             raise ValueError("ImageLoader needs at least one image file")
         if not 0 <= shard_id < num_shards:
@@ -121,11 +131,15 @@ class ImageLoader:
         self.cache: torch.Tensor | None = None
         self.cache_bytes = len(self.files) * channels * resolution * resolution
         self.cache_planned = decoded_cache == "auto"
+        if labels is not None and len(labels) != len(files):
+            raise ValueError(f"{len(labels)} labels for {len(files)} files: give one per file")
+        self.labels = None if labels is None else labels.to(self.device)
 
     @classmethod
-    def for_run(cls, files: list[str], cfg, accelerator) -> ImageLoader:
+    def for_run(cls, files: list[str], cfg, accelerator, labels: Labels | None) -> ImageLoader:
         """The loader of one training process: `cfg` is the run's Config, `accelerator` its
-        Accelerator (the shard is the global rank; decoding on the process's GPU, if any)."""
+        Accelerator (the shard is the global rank; decoding on the process's GPU, if any),
+        `labels` those of `files` (or None)."""
         dc, tc = cfg.data, cfg.train
         return cls(
             files,
@@ -140,6 +154,7 @@ class ImageLoader:
             num_threads=dc.num_threads,
             device_id=dali_device_id(accelerator.device),
             decoded_cache=dc.decoded_cache,
+            labels=None if labels is None else label_table(labels),
         )
 
     def plan_cache(self, first_step: int, last_step: int) -> bool:
@@ -151,9 +166,13 @@ class ImageLoader:
             self.cache_planned = first_step // spe != (last_step - 1) // spe
         return self.cache_planned
 
-    def _pipeline(self, files: list[str], flips: np.ndarray | None, seed: int, shard: tuple):
+    def _pipeline(
+        self, files: list[str], flips: np.ndarray | None, seed: int, shard: tuple, indices=None
+    ):
         """DALI: read `files` (shard `shard` = (id, count)), decode, crop, resize, flip by `flips`
-        and normalise to float; without `flips`, no flip and uint8 out (for the cache)."""
+        and normalise to float; without `flips`, no flip and uint8 out (for the cache). With
+        `indices` (each file's index in `self.files`), each image's index comes out beside it,
+        read and sharded with the image, for its label."""
         batch_size = self.batch_size
         placement = {"num_threads": self.num_threads, "device_id": self.device_id}
 
@@ -162,7 +181,9 @@ class ImageLoader:
             # Plain reads, not mmap: faster on small JPEGs (bench/README.md), and what network file
             # systems want.
             reading = {"random_shuffle": False, "dont_use_mmap": True, "name": "Reader"}
-            encoded, _ = fn.readers.file(
+            if indices is not None:
+                reading["labels"] = [int(i) for i in indices]
+            encoded, index = fn.readers.file(
                 files=files, shard_id=shard[0], num_shards=shard[1], **reading
             )
             decoding = decoder_args(self.device_id, self.channels)
@@ -188,28 +209,37 @@ class ImageLoader:
                 else 0
             )
             to_unit = {"mean": [127.5] * self.channels, "std": [127.5] * self.channels}
-            return fn.crop_mirror_normalize(
+            images = fn.crop_mirror_normalize(
                 images, mirror=mirror, dtype=types.FLOAT, output_layout="HWC", **to_unit
             )
+            if indices is None:
+                return images
+            return images, (index if self.device_id is None else index.gpu())
 
         return image_pipeline()
 
-    def _run(self, pipe) -> Iterator[torch.Tensor]:
+    def _run(self, pipe, outputs=("images",)) -> Iterator[list[torch.Tensor]]:
         pipe.build()
         iterator = DALIGenericIterator(
-            pipe, ["images"], reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL
+            pipe, list(outputs), reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL
         )
         try:
             for batch in iterator:
-                yield batch[0]["images"]
+                yield [batch[0][name] for name in outputs]
         finally:
             del iterator, pipe
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """The batches of `epoch` from `start_step` on (a resumed epoch skips what it has seen).
+        """The image batches of `epoch` from `start_step` on (a resumed epoch skips what it has
+        seen). Each may be a reused buffer: clone it to keep it past the next batch."""
+        for images, _ in self.labelled_epoch(epoch, start_step):
+            yield images
 
-        Each yielded tensor may be a reused buffer: clone it to keep it past the next batch.
-        """
+    def labelled_epoch(
+        self, epoch: int, start_step: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(images, their labels) batches of `epoch` as `epoch` gives them; labels None without a
+        label table. The labels are new tensors, the images may be reused buffers."""
         if not 0 <= start_step < self.steps_per_epoch:
             raise ValueError(f"start_step={start_step} is not in [0, {self.steps_per_epoch})")
         if self.cache_planned:
@@ -223,9 +253,12 @@ class ImageLoader:
         files = [self.files[i] for i in layout]
         shard = (self.shard_id, self.num_shards)
         seed = self.seed * 1000 + epoch
-        pipe = self._pipeline(files, self._share(flips, start_step), seed, shard)
-        for images in self._run(pipe):
-            yield images.permute(0, 3, 1, 2)  # NHWC in memory, NCHW to the model
+        indices = None if self.labels is None else layout
+        pipe = self._pipeline(files, self._share(flips, start_step), seed, shard, indices)
+        outputs = ("images",) if indices is None else ("images", "indices")
+        for images, *index in self._run(pipe, outputs):
+            labels = self.labels[index[0].view(-1).long()] if index else None
+            yield images.permute(0, 3, 1, 2), labels  # NHWC in memory, NCHW to the model
 
     def build_cache(self) -> torch.Tensor | None:
         """With decoded_cache="auto", decode and resize every image once into `self.cache`:
@@ -246,13 +279,13 @@ class ImageLoader:
         shape = (len(self.files), size, size, self.channels)
         cache = torch.empty(shape, dtype=torch.uint8, device=where)
         filled = 0
-        for images in self._run(self._pipeline(self.files, None, self.seed, (0, 1))):
+        for (images,) in self._run(self._pipeline(self.files, None, self.seed, (0, 1))):
             cache[filled : filled + images.shape[0]].copy_(images)
             filled += images.shape[0]
         self.cache = cache
         return cache
 
-    def _cached_epoch(self, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
+    def _cached_epoch(self, epoch: int, start_step: int) -> Iterator[tuple]:
         """The streaming pipeline's batches, cut from the cache: indices and flips go to the
         device once per epoch, so a batch costs no host-device sync."""
         order = epoch_order(len(self.files), epoch, self.seed, self.num_shards, self.batch_size)
@@ -277,7 +310,10 @@ class ImageLoader:
             if self.flip:
                 flip = mirrored[first : first + self.batch_size].view(-1, 1, 1, 1)
                 images = torch.where(flip, images.flip(2), images)
-            yield images.permute(0, 3, 1, 2).float().sub_(127.5).mul_(scale)
+            labels = None
+            if self.labels is not None:
+                labels = self.labels[batch_indices.to(self.device, non_blocking=True)]
+            yield images.permute(0, 3, 1, 2).float().sub_(127.5).mul_(scale), labels
 
     def epoch_files(self, epoch: int, start_step: int = 0) -> list[str]:
         """The files this process reads in `epoch` from `start_step`, in order."""

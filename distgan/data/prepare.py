@@ -1,11 +1,13 @@
 """The data a run trains on, decided before the loop and the same on every process: the folder
 (the built-in faces, rendered once per machine, when none is given), its usable images (files
 DALI cannot decode stop the run, or are skipped and listed in OUT/bad_images.txt, as
---on-bad-image says) and the channel count ("auto": 1 when every image is grayscale, else 3).
+--on-bad-image says), their labels (data/labels.py) and the channel count ("auto": 1 when
+every image is grayscale, else 3).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed
@@ -14,16 +16,32 @@ from distgan.data.faces import builtin_faces_dir, ensure_builtin_faces, render_s
 from distgan.data.folder import (
     ImageFolder,
     count_channels,
+    plural,
     scan_cache_path,
     scan_images,
     survey_folder,
 )
+from distgan.data.labels import Labels, read_labels
 from distgan.errors import UserError
 from distgan.runtime.env import available_cpus, local_processes
 from distgan.runtime.files import write_text_atomically
 from distgan.runtime.paths import default_cache_dir
 
 BAD_IMAGES_FILE = "bad_images.txt"
+
+
+@dataclass(kw_only=True)
+class PreparedImages:
+    """What a run trains on, the same on every process."""
+
+    data_dir: Path
+    """The folder of images (the built-in faces' cache folder when none was given)."""
+
+    files: list[str]
+    """The usable (and, with labels, labelled) image files, as absolute paths."""
+
+    labels: Labels | None
+    """Their labels, aligned with `files`; None for an unconditional run."""
 
 
 def _all_processes(found: dict) -> dict:
@@ -35,11 +53,12 @@ def _all_processes(found: dict) -> dict:
     return {key: value for part in parts for key, value in part.items()}
 
 
-def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Path, list[str]]:
-    """(data folder, usable image files), the same on every process. Renders the built-in faces
-    once per machine; scans the files for ones DALI cannot decode (each process a share, in
-    parallel) and stops with the list, or skips them, as `dc.on_bad_image` says; prints the
-    images it trains on by format, and the other files it skipped.
+def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> PreparedImages:
+    """The data folder, its usable image files and their labels, the same on every process.
+    Renders the built-in faces once per machine; reads the labels (`dc.labels`) before anything
+    slow; scans the files for ones DALI cannot decode (each process a share, in parallel) and
+    stops with the list, or skips them, as `dc.on_bad_image` says; prints the images it trains
+    on by format, the other files it skipped, and the images per class.
 
     `accelerator` is the run's Accelerator (or anything with its process attributes), `dc` its
     DataConfig.
@@ -58,7 +77,11 @@ def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Pat
     except (OSError, ValueError) as err:
         raise UserError(str(err)) from None
 
-    files = folder.files
+    files, labels, unlabelled = folder.files, None, 0
+    if dc.labels != "none":
+        options = {"attributes": dc.attributes, "on_unlabelled": dc.on_unlabelled}
+        labels = read_labels(dc.labels, folder.root, files, **options)
+        files, unlabelled = labels.files, len(files) - len(labels.files)
     rank, world = accelerator.process_index, accelerator.num_processes
     cache_dir = dc.cache_dir or default_cache_dir()
     cache = scan_cache_path(cache_dir, files, dc.crop_box, f"{rank}of{world}")
@@ -66,15 +89,19 @@ def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> tuple[Pat
     found = scan_images(files[rank::world], dc.crop_box, workers=workers, cache_path=cache)
     bad = _all_processes(found)
     if bad:
-        files = _without_bad_images(accelerator, dc.on_bad_image, folder, bad, out_dir)
+        files = _without_bad_images(accelerator, dc.on_bad_image, folder, files, bad, out_dir)
     accelerator.print(f"data: {folder.describe(files)}")
-    return Path(data_dir), files
+    if labels is not None:
+        labels = labels.only(files)
+        skipped = f" ({plural(unlabelled, 'unlabelled image')} skipped)" if unlabelled else ""
+        accelerator.print(f"labels from {dc.labels}: {labels.describe()}{skipped}")
+    return PreparedImages(data_dir=Path(data_dir), files=files, labels=labels)
 
 
-def _without_bad_images(accelerator, on_bad_image: str, folder: ImageFolder, bad, out_dir):
-    """The usable files once the `bad` ones ({path: reason}) are listed in OUT/bad_images.txt,
-    or a UserError naming them (on_bad_image "error", or none left)."""
-    files, data_dir = folder.files, folder.root
+def _without_bad_images(accelerator, on_bad_image: str, folder: ImageFolder, files, bad, out_dir):
+    """Those of `files` that are usable once the `bad` ones ({path: reason}) are listed in
+    OUT/bad_images.txt, or a UserError naming them (on_bad_image "error", or none left)."""
+    data_dir = folder.root
     listing = out_dir / BAD_IMAGES_FILE
     if accelerator.is_main_process:
         lines = "".join(f"{path}: {reason}\n" for path, reason in sorted(bad.items()))

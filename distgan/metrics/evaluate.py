@@ -31,7 +31,8 @@ SCORE_KEYS = ("fid", "kid_mean", "kid_std", "seconds")
 
 
 class OnnxGenerator:
-    """An exported model behind the interface fake_stats uses: z -> images in [-1, 1]."""
+    """An exported model behind the interface fake_stats uses: z (and, for a conditional model,
+    labels as the PyTorch generator takes them) -> images in [-1, 1]."""
 
     training = False
 
@@ -65,10 +66,16 @@ class OnnxGenerator:
     def train(self, mode: bool = True):
         return self
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        images = torch.from_numpy(
-            self.session.run(None, {"z": z.cpu().numpy().astype(np.float32)})[0]
-        )
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if bool(self.config.classes) != (labels is not None):  # as Generator.forward
+            conditional = f"conditional ({self.config.conditioning})"
+            wants = f"{conditional}: pass labels" if labels is None else "unconditional: no labels"
+            raise ValueError(f"the ONNX model is {wants}")
+        feeds = {"z": z.cpu().numpy().astype(np.float32)}
+        if labels is not None:  # class indices int64 [B], or multi-hot attributes float32 [B, K]
+            kind = np.int64 if self.config.conditioning == "class" else np.float32
+            feeds["label"] = labels.cpu().numpy().astype(kind)
+        images = torch.from_numpy(self.session.run(None, feeds)[0])
         if self.uint8:  # [B, H, W, C] pixels -> [B, C, H, W] in [-1, 1], exactly invertible
             return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return images

@@ -27,6 +27,7 @@ from torch import nn
 from distgan.data.loader import ImageLoader
 from distgan.metrics.features import FeatureExtractor, extractor_input
 from distgan.metrics.fid import Stats, scores
+from distgan.models.conditioning import draw_labels
 from distgan.models.dcgan import sample_latents
 from distgan.runtime.files import write_atomically
 
@@ -154,11 +155,14 @@ def fake_stats(
     batch_size: int,
     seed: int,
     device: torch.device,
+    label_table: torch.Tensor | None = None,
 ) -> Stats:
-    """Features of `count` images of `generator` (eval mode) from a fixed global set of z, each
-    process taking every num_processes-th one."""
+    """Features of `count` images of `generator` (eval mode) from a fixed global set of z (and,
+    when conditional, labels: drawn from `label_table`, the data's, to match its class
+    frequencies; see models/conditioning.py), each process taking every num_processes-th one."""
     seeded = torch.Generator().manual_seed(seed)
     z_all = sample_latents(generator.config, count, generator=seeded)
+    labels_all = draw_labels(generator.config, count, generator=seeded, table=label_table)
     mine = torch.arange(dist.process_index, count, dist.num_processes)
     per_process = -(-count // dist.num_processes)  # equal shares for the gather; pad with -1
     keys = torch.full((per_process,), -1, dtype=torch.long)
@@ -168,7 +172,8 @@ def fake_stats(
     parts = []
     for start in range(0, per_process, batch_size):
         chunk = keys[start : start + batch_size].clamp(min=0)
-        parts.append(extractor(extractor_input(generator(z_all[chunk].to(device)))))
+        labels = None if labels_all is None else labels_all[chunk].to(device)
+        parts.append(extractor(extractor_input(generator(z_all[chunk].to(device), labels))))
     generator.train(was_training)
     return Stats.of(_gather_in_order(dist, torch.cat(parts), keys))
 

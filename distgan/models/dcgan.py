@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from distgan.config.model import Init, ModelConfig
+from distgan.models.conditioning import ConditionalBatchNorm2d, Projection, label_vectors
 
 
 def _widths(base: int, num_stages: int) -> list[int]:
@@ -24,7 +25,7 @@ def init_weights(module: nn.Module, init: Init = "normal") -> None:
             nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, nn.BatchNorm2d) and module.affine:
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
@@ -44,30 +45,56 @@ def sample_latents(
     return torch.randn(shape, **where)
 
 
+def _check_labels(config: ModelConfig, labels: torch.Tensor | None, who: str) -> None:
+    if config.classes and labels is None:
+        raise ValueError(f"{who} is conditional ({config.conditioning}): pass labels")
+    if not config.classes and labels is not None:
+        raise ValueError(f"{who} is unconditional: pass no labels")
+
+
 class Generator(nn.Module):
-    """z [B, z_dim] -> image [B, C, R, R] in [-1, 1] (C = config.channels)."""
+    """z [B, z_dim] (and, when conditional, labels: class indices [B] or multi-hot attributes
+    [B, K]) -> image [B, C, R, R] in [-1, 1] (C = config.channels). A conditional G has
+    conditional BatchNorm where the unconditional one has BatchNorm."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+
+        def norm(channels: int) -> nn.Module:
+            if config.classes:
+                return ConditionalBatchNorm2d(channels, config.num_classes)
+            return nn.BatchNorm2d(channels)
+
         widths = _widths(config.g_channels, config.num_stages)
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(config.z_dim, widths[0], config.base, 1, 0, bias=False),
-            nn.BatchNorm2d(widths[0]),
+            nn.ConvTranspose2d(
+                config.z_dim + config.num_classes, widths[0], config.base, 1, 0, bias=False
+            ),
+            norm(widths[0]),
             nn.ReLU(inplace=True),
         ]
         for c_in, c_out in zip(widths, widths[1:], strict=False):
             layers += [
                 nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(c_out),
+                norm(c_out),
                 nn.ReLU(inplace=True),
             ]
         layers += [nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.apply(lambda module: init_weights(module, config.init))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.reshape(z.shape[0], self.config.z_dim, 1, 1))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(self.config, labels, "G")
+        x = z.reshape(z.shape[0], self.config.z_dim, 1, 1)
+        if labels is None:
+            return self.net(x)
+        label_vector = label_vectors(self.config, labels)
+        x = torch.cat([x, label_vector.to(x.dtype)[:, :, None, None]], dim=1)
+        for layer in self.net:
+            conditional = isinstance(layer, ConditionalBatchNorm2d)
+            x = layer(x, label_vector) if conditional else layer(x)
+        return x
 
     @classmethod
     def from_pretrained(cls, folder_or_repo_id, *, revision: str | None = None) -> Generator:
@@ -83,7 +110,8 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image [B, C, R, R] -> one logit per image [B]. No sigmoid: the losses take logits."""
+    """image [B, C, R, R] (and, when conditional, labels as G's) -> one logit per image [B]. No
+    sigmoid: the losses take logits. A conditional D adds the projection term to its logit."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -113,6 +141,16 @@ class Discriminator(nn.Module):
                 layers.append(nn.Dropout(config.d_dropout))
         layers.append(maybe_sn(head))
         self.net = nn.Sequential(*layers)
+        if config.classes:
+            self.projection = Projection(widths[-1], config.num_classes, config.d_spectral_norm)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).reshape(images.shape[0])
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(self.config, labels, "D")
+        if labels is None:
+            return self.net(images).reshape(images.shape[0])
+        *body, head = self.net
+        features = images
+        for layer in body:
+            features = layer(features)
+        logits = head(features).reshape(images.shape[0]).float()
+        return logits + self.projection(features, label_vectors(self.config, labels))

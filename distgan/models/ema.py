@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from distgan.models.conditioning import draw_labels
 from distgan.models.dcgan import sample_latents
 
 
@@ -62,7 +63,9 @@ def recalibrate_batchnorm(generator: nn.Module, images: int = 1024, batch_size: 
     try:
         for start in range(0, images, batch_size):
             count = min(batch_size, images - start)
-            generator(sample_latents(generator.config, count, generator=seeded).to(device))
+            z = sample_latents(generator.config, count, generator=seeded).to(device)
+            labels = draw_labels(generator.config, count, generator=seeded)
+            generator(z, None if labels is None else labels.to(device))
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum

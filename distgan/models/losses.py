@@ -38,14 +38,18 @@ def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def input_gradient(
-    discriminator: nn.Module, images: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+    discriminator: nn.Module,
+    images: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d sum(D(images)) / d images in float32, kept in the graph (create_graph) so that a penalty
     on it trains D. Under fp16 the gradient is taken of the *scaled* output (so it does not
     underflow) and then unscaled, as in PyTorch's AMP recipe for gradient penalties; an overflow
     makes it non-finite, and the scaler skips that step like any other overflow."""
     images = images.requires_grad_(True)
-    output = discriminator(images).float().sum()
+    inputs = (images,) if labels is None else (images, labels)
+    output = discriminator(*inputs).float().sum()
     scaled = scaler is not None and scaler.is_enabled()
     if scaled:
         output = scaler.scale(output)
@@ -62,18 +66,22 @@ def gradient_penalty(
     real: torch.Tensor,
     fake: torch.Tensor,
     scaler: torch.amp.GradScaler | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """WGAN-GP penalty E[(||grad_x D(x_hat)||_2 - 1)^2] at random interpolates of real and fake."""
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     interpolates = torch.lerp(fake.detach(), real.detach(), alpha)
-    grad = input_gradient(discriminator, interpolates, scaler)
+    grad = input_gradient(discriminator, interpolates, scaler, labels)
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
 
 
 def r1_penalty(
-    discriminator: nn.Module, real: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """R1 (Mescheder et al., 2018): E[||grad_x D(x)||_2^2] at the real images D sees. It pulls
     D's gradients towards zero where the data is, which keeps D from overshooting there."""
-    grad = input_gradient(discriminator, real.detach(), scaler)
+    grad = input_gradient(discriminator, real.detach(), scaler, labels)
     return grad.square().flatten(1).sum(1).mean()

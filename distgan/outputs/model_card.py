@@ -1,17 +1,21 @@
 """The model card of a run's Hub model folder (README.md): the metadata the Hub indexes (YAML:
-resolution, channels, training data, steps, and FID/KID where training measured them with the
-Inception features) and a page saying what the model is, how it was trained, how well it scores
-and how to use it.
+resolution, channels, training data, steps, the conditioning and classes of a conditional model,
+and FID/KID where training measured them with the Inception features) and a page saying what the
+model is, how it was trained, how well it scores and how to use it (with labels, when
+conditional).
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from distgan import __version__
 from distgan.config.config import Config
+from distgan.config.model import ModelConfig
 from distgan.outputs.checkpoint import TrainerState
 from distgan.outputs.model_folder import LIBRARY
 from distgan.outputs.report import read_jsonl
@@ -20,6 +24,7 @@ CARD_FILE = "README.md"
 SAMPLES_FILE = "samples.png"
 PIPELINE_TAG = "unconditional-image-generation"
 TAGS = ["dcgan", "gan", "pytorch", "safetensors"]
+CONDITIONAL_TAGS = {"class": "class-conditional", "attributes": "attribute-conditional"}
 REPO_PLACEHOLDER = "USER/NAME"  # in the card; `push` puts the repo id in its place
 BUILTIN_DATA = "built-in faces"
 
@@ -59,6 +64,8 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
         "images_seen": state.images_seen,
         "distgan_version": __version__,
     }
+    if model.classes:
+        metadata.update(conditioning=model.conditioning, classes=list(model.classes))
     results = None
     if score is not None:
         metadata.update(fid=round(score["fid"], 4), kid=round(score["kid_mean"], 6))
@@ -77,7 +84,7 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
     card_data = ModelCardData(
         library_name=LIBRARY,
         pipeline_tag=PIPELINE_TAG,
-        tags=TAGS,
+        tags=TAGS + ([CONDITIONAL_TAGS[model.conditioning]] if model.classes else []),
         model_name=name if results else None,  # the model-index's name; alone it says nothing
         eval_results=results,
         **metadata,
@@ -86,11 +93,14 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
     z_law = "U[-1, 1]" if model.z_distribution == "uniform" else "N(0, 1)"
     lines = [f"# {name}", ""]
     lines += [
-        f"A DCGAN generator ({model.resolution}x{model.resolution} {colour} images from a "
-        f"{model.z_dim}-d latent z ~ {z_law}) trained with distgan on {data}: the exponential "
-        "moving average (EMA) of the generator's weights at the end of training.",
+        f"A {conditioned(model)}DCGAN generator ({model.resolution}x{model.resolution} {colour} "
+        f"images from a {model.z_dim}-d latent z ~ {z_law}) trained with distgan on {data}: the "
+        "exponential moving average (EMA) of the generator's weights at the end of training.",
         "",
     ]
+    if model.classes:
+        what = "Classes" if model.conditioning == "class" else "Attributes"
+        lines += [f"{what} (in label order): {', '.join(model.classes)}.", ""]
     if samples:
         lines += [
             f"![Samples of the EMA generator at step {state.step}]({SAMPLES_FILE})",
@@ -119,17 +129,52 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
         "",
         "## Use",
         "",
-        "```python",
-        "from distgan.models.dcgan import Generator, sample_latents",
-        "",
-        f'generator = Generator.from_pretrained("{REPO_PLACEHOLDER}")  # or a local folder',
-        "images = generator(sample_latents(generator.config, 16))  # [16, C, H, W] in [-1, 1]",
-        "```",
+        *usage(model),
         "",
         f"Fine-tune it on a folder of images: `python launch/train.py --init-from "
         f"{REPO_PLACEHOLDER} --data-dir DIR`. Where the repository holds an ONNX export: "
-        "`python -m export generate --model FILE.onnx --num 16 --out-dir faces` (onnxruntime "
-        "only).",
+        f"`python -m export generate --model FILE.onnx --num 16 {class_flag(model)}--out-dir "
+        "faces` (onnxruntime only).",
         "",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def conditioned(model: ModelConfig) -> str:
+    if not model.classes:
+        return ""
+    return "class-conditional " if model.conditioning == "class" else "attribute-conditional "
+
+
+def class_flag(model: ModelConfig) -> str:
+    """The ONNX `generate` flag that asks for the first class (or attribute), if conditional."""
+    return f"--class {shlex.quote(model.classes[0])} " if model.classes else ""
+
+
+def usage(model: ModelConfig) -> list[str]:
+    """The card's Python: load the generator and draw 16 images (of one class, when
+    conditional: a class index [B], or a multi-hot attribute vector [B, K])."""
+    lines = [
+        "```python",
+        *(["import torch", ""] if model.classes else []),
+        "from distgan.models.dcgan import Generator, sample_latents",
+        "",
+        f'generator = Generator.from_pretrained("{REPO_PLACEHOLDER}")  # or a local folder',
+    ]
+    if not model.classes:
+        lines.append(
+            "images = generator(sample_latents(generator.config, 16))  # [16, C, H, W] in [-1, 1]"
+        )
+    elif model.conditioning == "class":
+        lines += [
+            f"label = generator.config.classes.index({json.dumps(model.classes[0])})  # by name",
+            "labels = torch.full((16,), label)  # class indices [16]",
+            "images = generator(sample_latents(generator.config, 16), labels)  # [16, C, H, W]",
+        ]
+    else:
+        lines += [
+            f"labels = torch.zeros(16, {model.num_classes})  # multi-hot attributes [16, K]",
+            f"labels[:, generator.config.classes.index({json.dumps(model.classes[0])})] = 1  # on",
+            "images = generator(sample_latents(generator.config, 16), labels)  # [16, C, H, W]",
+        ]
+    return [*lines, "```"]

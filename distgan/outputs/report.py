@@ -15,15 +15,16 @@ from distgan.runtime.files import write_atomically
 GRID_PADDING = 2  # black pixels around and between the images of a grid
 
 
-def grid(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1], NCHW, as one square-ish CHW grid in [0, 1], row by row with
-    GRID_PADDING black pixels between them (as torchvision's make_grid draws it; one image
-    alone has no border). Plain torch: torchvision's import costs a second at start-up."""
+def grid(images: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1], NCHW, as one CHW grid in [0, 1] of `columns` images a row (default:
+    square-ish), row by row with GRID_PADDING black pixels between them (as torchvision's
+    make_grid draws it; one image alone has no border). Plain torch: torchvision's import costs
+    a second at start-up."""
     count, channels, height, width = images.shape
     images = images.clamp(-1, 1).sub(-1).div(2)
     if count == 1:
         return images[0]
-    columns = min(math.ceil(math.sqrt(count)), count)
+    columns = min(columns or math.ceil(math.sqrt(count)), count)
     rows = math.ceil(count / columns)
     cell_h, cell_w = height + GRID_PADDING, width + GRID_PADDING
     canvas = images.new_zeros(
@@ -38,10 +39,10 @@ def grid(images: torch.Tensor) -> torch.Tensor:
     return canvas
 
 
-def save_grid(images: torch.Tensor, path: str | Path) -> np.ndarray:
-    """Save images in [-1, 1], NCHW, as one square-ish PNG grid: RGB for 3 channels, gray (mode
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> np.ndarray:
+    """Save images in [-1, 1], NCHW, as one PNG grid (`grid`): RGB for 3 channels, gray (mode
     L) for 1."""
-    canvas = grid(images.detach().float().cpu())
+    canvas = grid(images.detach().float().cpu(), columns)
     pixels = canvas.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     if pixels.shape[2] == 1:
         pixels = pixels[..., 0]

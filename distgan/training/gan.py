@@ -110,30 +110,34 @@ def build_gan(
     )
 
 
-def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0) -> StepResult:
+def gan_step(
+    accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0, *, labels=None
+) -> StepResult:
     """One D step and one G step on a batch of real images, then the EMA update: all queued on
-    the device, with no host sync. `poison` multiplies the losses (NaN for fault injection)."""
+    the device, with no host sync. `labels`: the real images' labels (None when unconditional),
+    which G is asked for too, so G and D see the data's class frequencies. `poison` multiplies
+    the losses (NaN for fault injection)."""
     generator, discriminator = gan.generator, gan.discriminator
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     real = real.contiguous(memory_format=layout)
     z = sample_latents(gan.generator_core.config, real.shape[0], device=real.device)
-    fake = generator(z)
+    fake = generator(z, labels)
 
     # D step: real and fake losses summed, one backward. fake is detached: no G grads. D sees
     # every image through the augmentation (none: the images themselves).
     discriminator.requires_grad_(True)
     real_seen, fake_seen = gan.augment(real), gan.augment(fake.detach())
-    real_logits = discriminator(real_seen)
-    fake_logits = discriminator(fake_seen)
+    real_logits = discriminator(real_seen, labels)
+    fake_logits = discriminator(fake_seen, labels)
     gan.augment.record(real_logits)
     loss_d = d_loss(tc.loss, real_logits, fake_logits, tc.real_label) * poison
     if tc.loss == "wgan-gp":
         # D is kept 1-Lipschitz where it is trained: between the images it sees.
-        penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler)
+        penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler, labels)
         loss_d = loss_d + tc.gp_weight * penalty
     regularised = loss_d  # R1 is trained on, not logged: it comes every r1_every steps only
     if tc.r1_gamma and step % tc.r1_every == 0:
-        penalty = r1_penalty(discriminator, real_seen, accelerator.scaler)
+        penalty = r1_penalty(discriminator, real_seen, accelerator.scaler, labels)
         regularised = loss_d + tc.r1_gamma / 2 * tc.r1_every * penalty
     gan.opt_d.zero_grad(set_to_none=True)
     accelerator.backward(regularised)
@@ -144,7 +148,7 @@ def gan_step(accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0
 
     # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
     discriminator.requires_grad_(False)
-    loss_g = g_loss(tc.loss, discriminator(gan.augment(fake))) * poison
+    loss_g = g_loss(tc.loss, discriminator(gan.augment(fake), labels)) * poison
     gan.opt_g.zero_grad(set_to_none=True)
     accelerator.backward(loss_g)
     if not scaled:

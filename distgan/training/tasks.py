@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
+from distgan.config.model import ModelConfig
+from distgan.models.conditioning import grid_labels, grid_rows
+from distgan.models.dcgan import sample_latents
 from distgan.outputs.checkpoint import TrainerState, save_checkpoint, save_generator
 from distgan.outputs.report import append_jsonl, plot_losses, save_grid
 from distgan.outputs.tracking import Tracking
@@ -143,8 +147,10 @@ class Evaluation(Task):
         self.cfg, self.out_dir = cfg, out_dir
         self.extractor = self.real_stats = None
 
-    def prepare(self, files: list[str], device_id: int | None) -> None:
-        """The feature extractor and the real statistics (cached), before the loop."""
+    def prepare(self, files: list[str], device_id: int | None, label_table=None) -> None:
+        """The feature extractor and the real statistics (cached), before the loop; G is scored
+        on labels drawn from `label_table` (the data's labels), when conditional."""
+        self.label_table = label_table
         if not self.every:
             return
         from distgan.metrics.features import make_extractor  # here: only runs that evaluate
@@ -182,6 +188,7 @@ class Evaluation(Task):
             self.real_stats,
             count=self.cfg.eval.eval_num,
             device=self.accelerator.device,
+            label_table=self.label_table,
             **options,
         )
         if state.best_fid is None or result["fid"] < state.best_fid:
@@ -199,19 +206,43 @@ class Evaluation(Task):
         )
 
 
-class Samples(Task):
-    """The EMA generator on the fixed z every sample_every steps, and the loss plot."""
+@dataclass(kw_only=True)
+class SampleGrid:
+    """The fixed latents (and labels) of the sample grids: a square-ish grid of num_samples
+    images; when conditional, one row per class (or attribute combination), each column one z."""
 
-    def __init__(self, every: int, log: RunLog, gan: GAN, fixed_z: torch.Tensor, out_dir: Path):
-        self.every, self.log, self.gan, self.fixed_z = every, log, gan, fixed_z
+    z: torch.Tensor
+    labels: torch.Tensor | None
+    columns: int | None  # images per row; None: square-ish
+
+    @classmethod
+    def fixed(cls, config: ModelConfig, num_samples: int, seed: int, device) -> SampleGrid:
+        seeded = torch.Generator().manual_seed(seed)
+        if not config.classes:
+            z = sample_latents(config, num_samples, generator=seeded)
+            return cls(z=z.to(device), labels=None, columns=None)
+        rows, _ = grid_rows(config)
+        columns = max(1, num_samples // len(rows))
+        z = sample_latents(config, columns, generator=seeded).repeat(len(rows), 1)
+        labels = grid_labels(config, columns)
+        return cls(z=z.to(device), labels=labels.to(device), columns=columns)
+
+
+class Samples(Task):
+    """The EMA generator on the fixed grid every sample_every steps, and the loss plot."""
+
+    def __init__(self, every: int, log: RunLog, gan: GAN, grid: SampleGrid, out_dir: Path):
+        self.every, self.log, self.gan, self.grid = every, log, gan, grid
         self.folder, self.plot = out_dir / "samples", out_dir / "losses.png"
 
     def run(self, state: TrainerState, verdict: Agreement) -> None:
         if not self.log.is_main:
             return
+        grid = self.grid
         with torch.no_grad():
-            samples = self.gan.ema.module(self.fixed_z)
-        pixels = save_grid(samples, self.folder / f"step-{state.step:08d}.png")
+            samples = self.gan.ema.module(grid.z, grid.labels)
+        path = self.folder / f"step-{state.step:08d}.png"
+        pixels = save_grid(samples, path, grid.columns)
         self.log.tracking.log_image("samples", pixels, state.step)
         plot_losses(self.log.metrics_path, self.plot)
 

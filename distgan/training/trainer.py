@@ -22,7 +22,6 @@ from distgan.data import order
 from distgan.data.loader import ImageLoader
 from distgan.data.prepare import prepare_images, resolve_channels
 from distgan.errors import RunStopped, UserError, require_writable_dir
-from distgan.models.dcgan import sample_latents
 from distgan.outputs.checkpoint import (
     TrainerState,
     clean_unfinished,
@@ -54,6 +53,7 @@ from distgan.training.tasks import (
     Gate,
     MetricsLog,
     RunLog,
+    SampleGrid,
     Samples,
     Throughput,
 )
@@ -116,13 +116,15 @@ class Trainer:
 
     def _load_data(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
-        self.data_dir, self.files = prepare_images(
-            accelerator, cfg.data, cfg.model.resolution, self.out_dir
-        )
+        data = prepare_images(accelerator, cfg.data, cfg.model.resolution, self.out_dir)
+        self.data_dir, self.files, self.labels = data.data_dir, data.files, data.labels
         if self.resume_from is None and self.start is None:  # else the model has its own
             channels = resolve_channels(accelerator, cfg.data.channels, self.files)
-            self.cfg = replace(cfg, model=replace(cfg.model, channels=channels))
-        self.loader = ImageLoader.for_run(self.files, self.cfg, accelerator)
+            conditioning = setup.conditioning_of(self.labels)
+            self.cfg = replace(cfg, model=replace(cfg.model, channels=channels, **conditioning))
+        else:
+            setup.require_the_model_classes(self.cfg.model, self.labels)
+        self.loader = ImageLoader.for_run(self.files, self.cfg, accelerator, self.labels)
         tc = self.cfg.train
         self.total_steps = tc.max_steps or tc.epochs * self.loader.steps_per_epoch
         if self.loader.plan_cache(self.start_step, self.total_steps):
@@ -132,9 +134,8 @@ class Trainer:
         tc, model_cfg, accelerator = self.cfg.train, self.cfg.model, self.accelerator
         self.global_batch = order.global_batch(accelerator.num_processes, tc.batch_size)
         self.gan = build_gan(accelerator, model_cfg, tc, self.start)
-        seeded = torch.Generator().manual_seed(tc.seed)
-        self.fixed_z = sample_latents(model_cfg, self.cfg.outputs.num_samples, generator=seeded)
-        self.fixed_z = self.fixed_z.to(accelerator.device)
+        num_samples = self.cfg.outputs.num_samples
+        self.sample_grid = SampleGrid.fixed(model_cfg, num_samples, tc.seed, accelerator.device)
         if self.resume_from is not None:
             args = (accelerator, self.resume_from, self.saved, self.gan, tc, self.changes)
             self.state = setup.resume(*args)
@@ -153,13 +154,15 @@ class Trainer:
         evaluation = Evaluation(
             self.cfg.eval.eval_every, accelerator, self.log, gan, self.cfg, self.out_dir
         )
-        evaluation.prepare(self.files, self.loader.device_id)  # first: the clock starts below
+        evaluation.prepare(
+            self.files, self.loader.device_id, self.loader.labels
+        )  # first: the clock starts below
         self.speed = Throughput(self.global_batch, self.state, tc.compile, accelerator.print)
         per_epoch = self.loader.steps_per_epoch
         self.metrics_log = MetricsLog(
             outputs.log_every, self.log, gan, self.speed, self.watch, per_epoch
         )
-        samples = Samples(outputs.sample_every, self.log, gan, self.fixed_z, self.out_dir)
+        samples = Samples(outputs.sample_every, self.log, gan, self.sample_grid, self.out_dir)
         checkpoints = self.out_dir / "checkpoints"
         saves = Checkpoints(
             outputs.ckpt_every,
@@ -199,8 +202,8 @@ class Trainer:
         try:
             while self.state.step < self.total_steps and self.stopped_by is None:
                 epoch, start_in_epoch = divmod(self.state.step, self.loader.steps_per_epoch)
-                for real in self.loader.epoch(epoch, start_in_epoch):
-                    out = self.train_step(real)
+                for real, labels in self.loader.labelled_epoch(epoch, start_in_epoch):
+                    out = self.train_step(real, labels)
                     step, last = self.state.step, self.state.step == self.total_steps
                     if not (last or self.gate.due(step)):
                         continue
@@ -222,7 +225,7 @@ class Trainer:
         self.accelerator.end_training()
         return self.out_dir
 
-    def train_step(self, real: torch.Tensor) -> StepResult:
+    def train_step(self, real: torch.Tensor, labels: torch.Tensor | None) -> StepResult:
         """The hot path: the learning rates, one GAN step and the counters; no host sync."""
         state, tc = self.state, self.cfg.train
         if self.is_main and state.step == 0:
@@ -233,7 +236,7 @@ class Trainer:
         if tc.lr_schedule != "constant":
             factor = lr_factor(tc.lr_schedule, state.step, self.total_steps)
             self.gan.set_learning_rates(tc, state.lr_scale * factor)
-        out = gan_step(self.accelerator, tc, self.gan, real, state.step, poison)
+        out = gan_step(self.accelerator, tc, self.gan, real, state.step, poison, labels=labels)
         self.watch.record(out.skipped)
         state.step += 1
         state.images_seen += self.global_batch

@@ -2,6 +2,9 @@
 // float32 [batch, C, H, W] in [-1, 1] or uint8 [batch, H, W, C] (models exported with --uint8),
 // C = 3 (RGB) or 1 (grayscale). Each face's z comes from its seed (latents.js), the same z as
 // `python -m export generate --seeds`: ?seeds=3,7 (or the seeds field) shows those faces again.
+// A conditional model (metadata "conditioning" and "classes") has a second input, `label`: int64
+// class indices [batch] from the class picker, or float32 multi-hot attributes [batch, K] from
+// its checkboxes; ?class=7 (?class=Smiling,Male) picks them, as `generate --class`.
 "use strict";
 
 const MAX_FACES = 64;
@@ -15,10 +18,12 @@ const newButton = document.getElementById("new");
 const seedsField = document.getElementById("seeds");
 const psiField = document.getElementById("psi");
 const walk = document.getElementById("walk");
+const classSelect = document.getElementById("class");
+const attributeBoxes = document.getElementById("attributes");
 const { latents, parseSeeds, MAX_SEED } = window.distganLatents;
 const state = {
   session: null, zDim: 0, zDistribution: "normal", seeds: [], walkSeeds: [], psi: 1,
-  from: null, to: null, renders: 0,
+  from: null, to: null, renders: 0, conditioning: "none", classes: [],
 };
 window.distgan = state; // read by the browser test
 
@@ -110,11 +115,72 @@ function toRgba(output, face) {
   return new ImageData(rgba, w, h);
 }
 
+function findClass(name) {
+  // A class by name first, then by index, as `generate --class` reads it; -1 if neither.
+  const byName = state.classes.indexOf(name);
+  if (byName >= 0) return byName;
+  return /^\d+$/.test(name) && Number(name) < state.classes.length ? Number(name) : -1;
+}
+
+function setUpPicker(chosen) {
+  // The class picker (a select) or the attribute checkboxes, from the metadata's class names;
+  // `chosen` (?class=) preselects. Hidden for unconditional models.
+  if (state.conditioning === "none") return;
+  document.getElementById("conditioning").hidden = false;
+  if (state.conditioning === "class") {
+    document.getElementById("class-picker").hidden = false;
+    state.classes.forEach((name, index) => classSelect.add(new Option(name, String(index))));
+    classSelect.value = String(Math.max(0, findClass((chosen || "").trim()))); // unknown: the first
+    classSelect.addEventListener("change", showClass);
+    return;
+  }
+  const picked = (chosen || "").split(",").map((part) => findClass(part.trim()));
+  attributeBoxes.hidden = false;
+  state.classes.forEach((name, index) => {
+    const box = Object.assign(document.createElement("input"), { type: "checkbox", value: String(index) });
+    box.checked = picked.includes(index);
+    box.addEventListener("change", showClass);
+    const label = document.createElement("label");
+    label.append(box, ` ${name}`);
+    attributeBoxes.append(label);
+  });
+}
+
+function showClass() {
+  // The same faces (and walk) with the label the picker now says, kept in the URL.
+  params.set("class", chosenLabel());
+  history.replaceState(null, "", `?${params}`);
+  return render();
+}
+
+function chosenAttributes() {
+  return [...attributeBoxes.querySelectorAll("input")].map((box) => box.checked);
+}
+
+function chosenLabel() {
+  // What the picker says, as `generate --class` takes it: a class name, or attribute names.
+  if (state.conditioning === "class") return state.classes[Number(classSelect.value)];
+  const on = state.classes.filter((_, index) => chosenAttributes()[index]);
+  return on.length ? on.join(",") : "none";
+}
+
+function labelTensor(count) {
+  // The `label` input for `count` faces of the chosen class (or attributes).
+  if (state.conditioning === "class") {
+    return new ort.Tensor("int64", new BigInt64Array(count).fill(BigInt(classSelect.value)), [count]);
+  }
+  const on = chosenAttributes().map((checked) => (checked ? 1 : 0));
+  const data = new Float32Array(count * on.length);
+  for (let f = 0; f < count; f++) data.set(on, f * on.length);
+  return new ort.Tensor("float32", data, [count, on.length]);
+}
+
 async function render() {
   const count = state.seeds.length;
   const z = interpolate(state.from, state.to, Number(walk.value) / 100);
   const started = performance.now();
   const feeds = { [state.session.inputNames[0]]: new ort.Tensor("float32", z, [count, state.zDim]) };
+  if (state.conditioning !== "none") feeds[state.session.inputNames[1]] = labelTensor(count);
   const output = (await state.session.run(feeds))[state.session.outputNames[0]];
   const images = Array.from({ length: count }, (_, f) => toRgba(output, f));
   const columns = Math.ceil(Math.sqrt(count)), rows = Math.ceil(count / columns);
@@ -133,7 +199,8 @@ async function render() {
   });
   state.renders += 1;
   const took = (performance.now() - started).toFixed(0);
-  status.textContent = `ready: ${count} faces in ${took} ms (z_dim ${state.zDim}, z ${state.zDistribution})`;
+  const label = state.conditioning === "none" ? "" : `, ${state.conditioning} ${chosenLabel()}`;
+  status.textContent = `ready: ${count} faces in ${took} ms (z_dim ${state.zDim}, z ${state.zDistribution}${label})`;
 }
 
 function showSeeds(seeds) {
@@ -147,6 +214,7 @@ function showSeeds(seeds) {
   params.set("seeds", seedsField.value);
   if (state.psi !== 1) params.set("psi", String(state.psi));
   else params.delete("psi");
+  if (state.conditioning !== "none") params.set("class", chosenLabel());
   history.replaceState(null, "", `?${params}`);
   return render();
 }
@@ -183,6 +251,10 @@ async function main() {
   state.zDim = Number.isInteger(declared) ? declared : Number(metadata.z_dim || params.get("z_dim") || 100);
   // Models from before the key was written, and foreign ones, were trained on N(0, 1).
   state.zDistribution = (metadata.z_distribution || "normal").startsWith("uniform") ? "uniform" : "normal";
+  // Models from before conditioning, and foreign ones, are unconditional.
+  state.conditioning = metadata.conditioning || "none";
+  state.classes = state.conditioning === "none" ? [] : JSON.parse(metadata.classes || "[]");
+  setUpPicker(params.get("class"));
   seedsField.value = params.get("seeds") || randomSeeds(NEW_FACES).join(",");
   psiField.value = params.get("psi") || "1";
   newButton.disabled = false;

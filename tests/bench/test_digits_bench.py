@@ -12,26 +12,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from bench import digit_scorer
 from bench.digit_metrics import DigitReference, blurred, entropy, load_digit_folder
 from bench.digits import TINY
 from bench.reference_dcgan import ReferenceDCGAN
 from distgan.errors import UserError
-from tests.helpers import run_module
-
-
-def write_digits(folder, count: int, size: int = 28) -> None:
-    """`count` drawn digits (PIL's font, random place and size), white on black like MNIST."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        image = Image.new("L", (size, size))
-        font = ImageFont.load_default(size=int(rng.integers(16, 24)))
-        x, y = rng.integers(2, 10, size=2)
-        ImageDraw.Draw(image).text((int(x), int(y) - 4), str(i % 10), fill=255, font=font)
-        image.save(folder / f"{i:05d}.png")
+from tests.helpers import run_module, write_digits
 
 
 def test_committed_scorer_reproduces_its_recorded_accuracy():

@@ -2,13 +2,20 @@
 exported generator with onnxruntime-web, draws faces in its canvas (not blank), and draws other
 faces after a click on "New faces" and after a move of the latent-walk slider; a seed's face
 (?seeds=, the seeds field, psi) has the pixels onnxruntime gives for that seed's z from
-export/latents.py, and a grayscale model trained on uniform z is drawn in gray from uniform z."""
+export/latents.py, and a grayscale model trained on uniform z is drawn in gray from uniform z.
+A conditional model gets a class picker (hidden for unconditional ones), or checkboxes for
+attributes, preset by ?class= as `generate --class`: the faces of the class chosen there, and
+after a change, have onnxruntime's pixels for that label; a screenshot of the page with the
+picker is kept (DISTGAN_WEB_SCREENSHOT=PATH also writes it there, and DISTGAN_WEB_CLASS_MODEL=
+FILE.onnx shows a class-conditional model of one's own, such as a trained one, instead of the
+test's)."""
 
 import functools
 import http.server
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +27,7 @@ from distgan.outputs.checkpoint import save_generator
 from export.generate import to_pixels
 from export.latents import latents
 from export.onnx_export import export_onnx
-from export.runtime import create_session
+from export.runtime import create_session, model_info
 from tests.helpers import REPO, linear_onnx_generator
 
 WEB = REPO / "export" / "web"
@@ -58,9 +65,47 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def visible_conditional(tmp_path, conditioning: str, classes: list[str], **config):
+    """A small conditional G whose images show their class, exported (fp32)."""
+    torch.manual_seed(0)
+    model = ModelConfig(
+        g_channels=8, z_dim=16, conditioning=conditioning, classes=classes, **config
+    )
+    generator = Generator(model).eval()
+    with torch.no_grad():
+        for module in generator.modules():
+            if isinstance(module, torch.nn.ConvTranspose2d):
+                module.weight.mul_(8)
+            if isinstance(module, torch.nn.Linear):  # the class's gains and biases
+                module.weight.normal_(0.0, 1.0)
+    run = tmp_path / conditioning
+    save_generator(run, generator, step=1, images_seen=1)
+    export_onnx(
+        run / "generator.safetensors", tmp_path / f"{conditioning}.onnx", log=lambda _: None
+    )
+    return tmp_path / f"{conditioning}.onnx"
+
+
+@pytest.fixture(scope="module")
+def conditional_models(tmp_path_factory):
+    """digits.onnx (classes 0-9, 28 px gray) and attributes.onnx (Smiling, Male, Eyeglasses;
+    32 px RGB); picker.onnx is digits.onnx, or DISTGAN_WEB_CLASS_MODEL."""
+    tmp = tmp_path_factory.mktemp("conditional")
+    digits = visible_conditional(
+        tmp, "class", [str(d) for d in range(10)], resolution=28, channels=1
+    )
+    attributes = ["Smiling", "Male", "Eyeglasses"]
+    own = os.environ.get("DISTGAN_WEB_CLASS_MODEL")
+    return {
+        "digits.onnx": digits,
+        "attributes.onnx": visible_conditional(tmp, "attributes", attributes, resolution=32),
+        "picker.onnx": Path(own).resolve() if own else digits,
+    }
+
+
 @pytest.fixture
-def site(tmp_path):
-    """The page, its script, onnxruntime-web and a small exported model, served on 127.0.0.1."""
+def site(tmp_path, conditional_models):
+    """The page, its script, onnxruntime-web and small exported models, served on 127.0.0.1."""
     torch.manual_seed(0)
     run = tmp_path / "run"
     run.mkdir()
@@ -76,6 +121,8 @@ def site(tmp_path):
     linear_onnx_generator(root / "gray.onnx", z_dim=8, resolution=4, channels=1)
     for name in ("index.html", "app.js", "latents.js", "node_modules"):
         os.symlink(WEB / name, root / name)
+    for name, path in conditional_models.items():
+        os.symlink(path, root / name)
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -119,6 +166,7 @@ def test_page_draws_faces_and_changes_them(site, browser):
     browser.get(site)
     wait_for_renders(browser, 1)
     assert browser.find_element(By.ID, "status").text.startswith("ready: 16 faces")
+    assert not browser.find_element(By.ID, "conditioning").is_displayed()  # no class picker
     first = browser.execute_script(CANVAS_STATS)
     assert first["std"] > 2  # faces, not a blank or uniform canvas
     first_seeds = browser.find_element(By.ID, "seeds").get_attribute("value")
@@ -225,3 +273,85 @@ def test_a_grayscale_uniform_model_is_drawn_in_gray_from_uniform_z(site, browser
     expected = to_pixels(np.tanh(z @ weight).reshape(-1, 1, 4, 4)).astype(int)
     assert expected.std() > 20
     assert_same_pixels(page[..., 0], expected)
+
+
+def label_faces(model: Path, seeds: list[int], label) -> np.ndarray:
+    """onnxruntime's pixels (int [B, H, W, 3]) of `seeds` with one label for all (a class
+    index, or a multi-hot list), as `generate --seeds --class` draws them."""
+    session = create_session(model, "cpu")
+    info = model_info(session)
+    z = latents(seeds, info.z_dim, info.z_distribution)
+    dtype = np.int64 if info.conditioning == "class" else np.float32
+    labels = np.repeat(np.array([label], dtype=dtype), len(seeds), axis=0)
+    pixels = to_pixels(session.run(None, {"z": z, "label": labels})[0]).astype(int)
+    return np.repeat(pixels[..., None], 3, axis=3) if pixels.ndim == 3 else pixels
+
+
+def pick(driver, script: str, *args):
+    """Change the picker with `script` (it dispatches "change") and wait for the new faces."""
+    renders = driver.execute_script("return window.distgan.renders")
+    driver.execute_script(script, *args)
+    wait_for_renders(driver, renders + 1)
+
+
+def test_the_class_picker_draws_the_class_onnxruntime_draws(site, browser, tmp_path):
+    model = tmp_path / "site" / "picker.onnx"
+    info = model_info(create_session(model, "cpu"))
+    classes, seeds = info.classes, [3, 5, 8, 13, 21, 34]
+    first, second = min(7, len(classes) - 1), min(2, len(classes) - 1)
+    browser.set_window_size(760, 900)
+    browser.get(
+        site.replace(
+            "index.html",
+            f"index.html?model=picker.onnx&class={classes[first]}&seeds=3,5,8,13,21,34",
+        )
+    )
+    wait_for_renders(browser, 1)
+    assert browser.find_element(By.ID, "class").is_displayed()
+    assert not browser.find_element(By.ID, "attributes").is_displayed()
+    options = browser.execute_script(
+        "return [...document.getElementById('class').options].map(o => o.text)"
+    )
+    assert options == list(classes)
+    assert browser.find_element(By.ID, "class").get_attribute("value") == str(first)
+    assert f"class {classes[first]}" in browser.find_element(By.ID, "status").text
+    size = info.resolution
+    sevens = label_faces(model, seeds, first)
+    assert sevens.std() > 10
+    assert_same_pixels(face_pixels(browser, len(seeds), size), sevens)
+
+    shot = tmp_path / "web-class-picker.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+    if os.environ.get("DISTGAN_WEB_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["DISTGAN_WEB_SCREENSHOT"])
+
+    select = "const s = document.getElementById('class'); s.value = arguments[0]; s.dispatchEvent(new Event('change'));"
+    pick(browser, select, str(second))
+    twos = label_faces(model, seeds, second)
+    assert np.abs(twos - sevens).mean() > 5  # another class: other images, from the same z
+    assert_same_pixels(face_pixels(browser, len(seeds), size), twos)
+    assert f"class={classes[second]}" in browser.current_url
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_attribute_checkboxes_feed_a_multi_hot_label(site, browser, tmp_path):
+    model = tmp_path / "site" / "attributes.onnx"
+    browser.get(
+        site.replace(
+            "index.html", "index.html?model=attributes.onnx&class=Smiling,Eyeglasses&seeds=1,2"
+        )
+    )
+    wait_for_renders(browser, 1)
+    assert not browser.find_element(By.ID, "class-picker").is_displayed()
+    boxes = browser.find_elements(By.CSS_SELECTOR, "#attributes input")
+    assert [box.is_selected() for box in boxes] == [True, False, True]
+    assert "attributes Smiling,Eyeglasses" in browser.find_element(By.ID, "status").text
+    before = label_faces(model, [1, 2], [1, 0, 1])
+    assert_same_pixels(face_pixels(browser, 2, 32), before)
+
+    pick(browser, "arguments[0].click();", boxes[1])  # Male too
+    after = label_faces(model, [1, 2], [1, 1, 1])
+    assert np.abs(after - before).mean() > 5
+    assert_same_pixels(face_pixels(browser, 2, 32), after)
+    assert "class=Smiling%2CMale%2CEyeglasses" in browser.current_url

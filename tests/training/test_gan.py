@@ -1,6 +1,7 @@
-"""The GAN step's R1 option: the penalty changes D's update on exactly the steps its interval
+"""The GAN step: the R1 option: the penalty changes D's update on exactly the steps its interval
 names (lazy regularisation) and leaves G's and the logged loss alone; off (0), the step is the
-plain one bit for bit; and the settings R1 cannot run with are refused in one line."""
+plain one bit for bit; and the settings R1 cannot run with are refused in one line. A conditional
+step trains G's and D's label parameters with every loss, R1 included."""
 
 import pytest
 import torch
@@ -50,3 +51,26 @@ def test_r1_changes_d_on_its_steps_only_and_is_not_logged():
 def test_settings_r1_cannot_run_with_are_refused(settings, message):
     with pytest.raises(UserError, match=message):
         make_config(**settings)
+
+
+@pytest.mark.parametrize("loss", ["bce", "hinge", "wgan-gp"])
+def test_a_conditional_step_trains_the_label_parameters_with_every_loss_and_r1(loss):
+    from distgan.training.gan import gan_step
+
+    config = ModelConfig(
+        resolution=32,
+        g_channels=8,
+        d_channels=8,
+        z_dim=16,
+        conditioning="class",
+        classes=["a", "b", "c"],
+    )
+    real = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    accelerator, tc, gan, real = tiny_gan(config, real, augment="none", loss=loss, r1_gamma=1.0)
+    before = {n: p.detach().clone() for n, p in gan.discriminator.named_parameters()}
+    before |= {n: p.detach().clone() for n, p in gan.generator.named_parameters()}
+    out = gan_step(accelerator, tc, gan, real, 0, labels=torch.tensor([0, 1, 2, 1]))
+    assert torch.isfinite(out.loss_d) and torch.isfinite(out.loss_g) and out.skipped == 0
+    after = dict(gan.discriminator.named_parameters()) | dict(gan.generator.named_parameters())
+    labelled = [n for n in after if "projection" in n or "gain" in n or "bias.weight" in n]
+    assert labelled and all(not torch.equal(before[n], after[n]) for n in labelled)

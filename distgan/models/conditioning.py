@@ -1,0 +1,110 @@
+"""Class conditioning, plain torch: labels as vectors, G's conditional BatchNorm, D's projection,
+and the labels of sample grids.
+
+A label is a class index (int64 [B], conditioning "class") or a multi-hot vector of attributes
+(float [B, K], conditioning "attributes"). Both become a vector [B, K], one-hot or multi-hot,
+which linear maps turn into per-channel gains, biases and projections (for a one-hot vector that
+is an embedding lookup).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from distgan.config.model import ModelConfig
+
+MAX_GRID_ATTRIBUTES = 4  # up to 2^4 = 16 rows of attribute combinations; beyond, one per attribute
+
+
+def label_vectors(config: ModelConfig, labels: torch.Tensor) -> torch.Tensor:
+    """Labels as float vectors [B, K]: class indices one-hot, attribute vectors as they are."""
+    if config.conditioning == "class":
+        if labels.dim() != 1 or labels.dtype.is_floating_point:
+            raise ValueError(
+                f"class labels must be integer indices [B], not {labels.dtype} {list(labels.shape)}"
+            )
+        return nn.functional.one_hot(labels.long(), config.num_classes).float()
+    if labels.dim() != 2 or labels.shape[1] != config.num_classes:
+        raise ValueError(
+            f"attribute labels must be multi-hot [B, {config.num_classes}], "
+            f"not {list(labels.shape)}"
+        )
+    return labels.float()
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose gain and bias depend on the label (de Vries et al. 2017; SNGAN, BigGAN):
+    normalise without affine, then x * (1 + y W_gain) + y W_bias for the label vector y."""
+
+    def __init__(self, num_features: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_features, affine=False)
+        self.gain = nn.Linear(num_classes, num_features, bias=False)
+        self.bias = nn.Linear(num_classes, num_features, bias=False)
+        # As DCGAN's BatchNorm weights, N(1, 0.02), and its biases, 0.
+        nn.init.normal_(self.gain.weight, 0.0, 0.02)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
+        gain = 1 + self.gain(label_vector).to(x.dtype)
+        bias = self.bias(label_vector).to(x.dtype)
+        return self.norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
+
+
+class Projection(nn.Module):
+    """The projection discriminator's class term (Miyato & Koyama 2018): <embed(y), phi(x)>,
+    with phi(x) D's last features summed over space, added to D's unconditional logit."""
+
+    def __init__(self, num_features: int, num_classes: int, spectral: bool):
+        super().__init__()
+        embed = nn.Linear(num_classes, num_features, bias=False)
+        nn.init.xavier_uniform_(embed.weight)
+        self.embed = spectral_norm(embed) if spectral else embed
+
+    def forward(self, features: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
+        pooled = features.float().sum(dim=(2, 3))
+        return (self.embed(label_vector.float()) * pooled).sum(dim=1)
+
+
+def grid_rows(config: ModelConfig) -> tuple[list[str], torch.Tensor]:
+    """(row names, labels) of a sample grid: one row per class; for attributes, one row per
+    combination (up to MAX_GRID_ATTRIBUTES of them), else none and then each attribute alone."""
+    if config.conditioning == "class":
+        return list(config.classes), torch.arange(config.num_classes)
+    names = config.classes
+    if len(names) <= MAX_GRID_ATTRIBUTES:
+        combos = list(itertools.product((0.0, 1.0), repeat=len(names)))
+    else:
+        combos = [tuple(0.0 for _ in names)]
+        combos += [tuple(float(i == j) for j in range(len(names))) for i in range(len(names))]
+    rows = [" + ".join(n for n, on in zip(names, c, strict=True) if on) or "none" for c in combos]
+    return rows, torch.tensor(combos)
+
+
+def grid_labels(config: ModelConfig, columns: int) -> torch.Tensor:
+    """The labels of a grid of `columns` images per row (grid_rows), row by row."""
+    _, labels = grid_rows(config)
+    return labels.repeat_interleave(columns, dim=0)
+
+
+def draw_labels(
+    config: ModelConfig,
+    count: int,
+    *,
+    generator: torch.Generator | None = None,
+    table: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """`count` labels on the CPU, None when unconditional: rows of `table` (the data's labels)
+    drawn uniformly, so with the data's class frequencies; without one, uniform classes or
+    fair-coin attributes."""
+    if not config.classes:
+        return None
+    if table is not None:
+        return table.cpu()[torch.randint(len(table), (count,), generator=generator)]
+    if config.conditioning == "class":
+        return torch.randint(config.num_classes, (count,), generator=generator)
+    return torch.randint(2, (count, config.num_classes), generator=generator).float()
