@@ -221,7 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.conditional", description=__doc__)
     parser.add_argument("--digits", type=Path, required=True, help="one subfolder per digit")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=2000, help="scored samples per run")
+    parser.add_argument("--samples", type=int, default=5000, help="scored samples per run")
     parser.add_argument("--per-class", type=int, default=500, help="images per digit, accuracy")
     parser.add_argument(
         "--conditional",

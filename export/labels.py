@@ -8,22 +8,21 @@ class indices [B]; for "attributes", float32 multi-hot vectors [B, K] (1 = the a
 `--class` takes a class by name, else by index (`--class 7`); for attributes, the names (or
 indices) of those switched on, comma-separated (`--class Smiling,Male`; `none` for none); and
 `all`: one row per class, or per attribute combination, as the training sample grids
-(distgan.models.conditioning.grid_rows, which this mirrors without torch).
+(distgan.config.model.grid_rows, torch-free, shared with training).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
+from distgan.config.model import NO_ATTRIBUTES
+from distgan.config.model import grid_rows as model_grid_rows  # torch-free
 from distgan.errors import UserError
 
 CONDITIONINGS = ("none", "class", "attributes")
-MAX_GRID_ATTRIBUTES = 4  # as distgan.models.conditioning: up to 2^4 = 16 rows of combinations
 ALL = "all"
-NO_ATTRIBUTES = "none"
 
 
 @dataclass(frozen=True)
@@ -51,17 +50,11 @@ def attribute_row(classes, on) -> LabelRow:
 
 
 def grid_rows(conditioning: str, classes) -> list[LabelRow]:
-    """One row per class; for attributes, one per combination (up to MAX_GRID_ATTRIBUTES of
-    them), else none and then each attribute alone. The order of the training sample grids."""
-    classes = list(classes)
+    """The rows of the training sample grids (distgan.config.model.grid_rows), as LabelRows."""
+    rows = model_grid_rows(conditioning, list(classes))
     if conditioning == "class":
-        return [class_row(classes, i) for i in range(len(classes))]
-    if len(classes) <= MAX_GRID_ATTRIBUTES:
-        combos = list(itertools.product((0, 1), repeat=len(classes)))
-    else:
-        combos = [(0,) * len(classes)]
-        combos += [tuple(int(i == j) for j in range(len(classes))) for i in range(len(classes))]
-    return [attribute_row(classes, combo) for combo in combos]
+        return [class_row(classes, index) for _, index in rows]
+    return [attribute_row(classes, combo) for _, combo in rows]
 
 
 def listed(classes) -> str:

@@ -80,6 +80,26 @@ def write_digits(folder, count: int, size: int = 28) -> None:
         image.save(folder / f"{i:05d}.png")
 
 
+def assert_same_weights(straight: Path, resumed: Path, last_step: int) -> dict:
+    """The generator, D and the EMA of two runs bitwise equal at `last_step` (a resumed run
+    against an uninterrupted one); returns the generator file's tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = f"checkpoints/step-{last_step:08d}"
+    found = {}
+    for name in (
+        "generator.safetensors",
+        f"{checkpoint}/model_1.safetensors",
+        f"{checkpoint}/ema.safetensors",
+    ):
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        found.setdefault("generator", a)
+    return found["generator"]
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago, for a run's rendezvous."""
     with socket.socket() as s:

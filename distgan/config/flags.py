@@ -1,6 +1,6 @@
 """The trainer's command line: one flag per config field, named after it (`batch_size` ->
 `--batch-size`) and documented by the field's docstring, grouped by section; over the
-`--config FILE.toml` values, over the defaults."""
+`--config FILE.toml ...` values (later files over earlier ones), over the defaults."""
 
 from __future__ import annotations
 
@@ -66,16 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
         "`accelerate launch` for several processes; plain `python` runs one.",
     )
     listed = " ".join(f"[{name}]" for name in SECTIONS)
-    about = f"TOML file with {listed} sections; flags given here override it"
-    parser.add_argument("--config", metavar="FILE.toml", help=about)
+    about = (
+        f"TOML files with {listed} sections, each over the ones before it (a recipe, then an "
+        "overlay such as launch/configs/mnist28-classes.toml); flags given here override them"
+    )
+    parser.add_argument("--config", metavar="FILE.toml", nargs="+", help=about)
     for section, cls in SECTIONS.items():
         _add_flags(parser, section, cls)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """The Config for a command line: defaults, then --config FILE, then the flags given."""
+    """The Config for a command line: defaults, then each --config FILE in turn, then the flags
+    given."""
     args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config", None)
-    sections = load_toml(config_file) if config_file else {}
+    sections: dict[str, dict] = {}
+    for config_file in args.pop("config", None) or []:
+        for section, values in load_toml(config_file).items():
+            sections.setdefault(section, {}).update(values)
     return make_config(sections, **args)

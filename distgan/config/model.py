@@ -4,6 +4,7 @@ file, read by the command line without importing torch."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -15,6 +16,24 @@ RESOLUTION_EXAMPLES = "28, 32, 40, 48, 56, 64, 96, 112, 128, 256"
 ZDistribution = Literal["normal", "uniform"]
 Init = Literal["normal", "xavier"]
 Conditioning = Literal["none", "class", "attributes"]
+MAX_GRID_ATTRIBUTES = 4  # up to 2^4 = 16 rows of attribute combinations; beyond, one per attribute
+NO_ATTRIBUTES = "none"  # the name of the grid row with every attribute off
+
+
+def grid_rows(conditioning: str, classes: list[str]) -> list[tuple[str, int | tuple[int, ...]]]:
+    """The rows of a conditional sample grid as (name, label): one per class (its index); for
+    attributes, one per combination of up to MAX_GRID_ATTRIBUTES of them (a 0/1 flag each,
+    named by those on, joined by " + "), else none and then each alone. Torch-free: training's
+    grids and export's `--class all` share it."""
+    if conditioning == "class":
+        return [(name, index) for index, name in enumerate(classes)]
+    if len(classes) <= MAX_GRID_ATTRIBUTES:
+        combos = list(itertools.product((0, 1), repeat=len(classes)))
+    else:
+        combos = [(0,) * len(classes)]
+        combos += [tuple(int(i == j) for j in range(len(classes))) for i in range(len(classes))]
+    named = [" + ".join(n for n, on in zip(classes, c, strict=True) if on) for c in combos]
+    return [(name or NO_ATTRIBUTES, combo) for name, combo in zip(named, combos, strict=True)]
 
 
 def split_resolution(resolution: int) -> tuple[int, int] | None:

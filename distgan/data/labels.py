@@ -10,10 +10,12 @@ Every problem is a one-line UserError naming it and the fix: an image without a 
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from distgan.config.model import ModelConfig
 from distgan.data.folder import plural
 from distgan.errors import UserError
 
@@ -51,15 +53,21 @@ class Labels:
         return kept
 
     def require_images_in_every_class(self) -> None:
-        """A UserError naming the classes without images (classes only)."""
-        if self.conditioning != "class":
-            return
+        """A UserError naming the classes without usable images (or attributes no image has)."""
         empty = [n for n, count in zip(self.classes, self.counts(), strict=True) if not count]
-        if empty:
+        if empty and self.conditioning == "class":
             raise UserError(
                 f"{plural(len(empty), 'class')} without usable images "
                 f"({_clip(', '.join(empty))}): add images, or remove the class"
             )
+        if empty:
+            raise UserError(
+                f"no usable image has {_clip(', '.join(empty))}: drop it from --attributes"
+            )
+
+    def model_fields(self) -> dict:
+        """The model's fields that training on these labels sets."""
+        return {"conditioning": self.conditioning, "classes": list(self.classes)}
 
     def counts(self) -> list[int]:
         """Images per class (class), or images with each attribute (attributes)."""
@@ -77,11 +85,25 @@ class Labels:
         return f"{len(self.classes)} {kind}: {per_class}"
 
 
+def require_the_model_classes(model: ModelConfig, labels: Labels | None) -> None:
+    """A UserError unless `labels` give the classes a resumed (or --init-from) model has."""
+    given = labels.model_fields() if labels else {"conditioning": "none", "classes": []}
+    if given == {"conditioning": model.conditioning, "classes": model.classes}:
+        return
+    had = f"{model.conditioning} {_clip(', '.join(model.classes))}" if model.classes else "none"
+    has = f"{labels.conditioning} {_clip(', '.join(labels.classes))}" if labels else "none"
+    raise UserError(
+        f"the model was trained on labels {had}, and the data now gives {has}: train on the "
+        "same labels (--labels, --attributes), or start a new run"
+    )
+
+
 def class_order(names) -> list[str]:
-    """Class names sorted: numerically when all are integers (2 before 10), else as text."""
+    """Class names sorted: numerically when all are integers (2 before 10; "7" before "07"),
+    else as text. The same order on every process and every run."""
     names = set(names)
-    if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
     return sorted(names)
 
 
@@ -123,7 +145,10 @@ def read_labels(
             "or pass --on-unlabelled skip to train on the labelled ones"
         )
     if not labelled:
-        raise UserError(f"no image in {data_dir} has a label from --labels {spec}")
+        raise UserError(
+            f"no image in {data_dir} has a label from --labels {spec}: check that the labels "
+            "name the files of --data-dir"
+        )
     if conditioning == "class":
         index = {name: i for i, name in enumerate(classes)}
         values = [index[found[f]] for f in labelled]
@@ -153,7 +178,7 @@ def _from_folders(data_dir: Path, files: list[str]) -> tuple[dict[str, str], lis
     found = {}
     for file in files:
         parts = Path(_relative(file, data_dir)).parts
-        if len(parts) > 1:
+        if len(parts) > 1 and not parts[0].startswith("."):  # hidden folders are no class
             found[file] = parts[0]
     folders = [p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return found, class_order(folders)
@@ -176,9 +201,12 @@ def _from_csv(path: Path, data_dir: Path, files: list[str]) -> tuple[dict[str, s
     `data_dir`; a header row `file,class` is allowed)."""
     by_name = _by_name(data_dir, files)
     found, missing, named = {}, [], set()
-    with open(path, newline="") as f:
-        for number, row in enumerate(csv.reader(f), start=1):
-            if not row or (number == 1 and tuple(c.strip() for c in row) == CSV_HEADER):
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+        reader = csv.reader(f)
+        for row in reader:
+            number = reader.line_num
+            header = tuple(c.strip().lower() for c in row) == CSV_HEADER
+            if not row or (number == 1 and header):
                 continue
             if len(row) != 2 or not row[1].strip():
                 raise UserError(
@@ -212,12 +240,15 @@ def _from_attribute_list(
     with open(path) as f:
         f.readline()
         names = f.readline().split()
-        rows = [line.split() for line in f if line.strip()]
+        rows = [(number, line.split()) for number, line in enumerate(f, start=3) if line.strip()]
     if not attributes:
         raise UserError(
             f"{path} lists {len(names)} attributes ({_clip(', '.join(names))}): choose the ones "
             "to condition on with --attributes, e.g. --attributes Smiling,Male"
         )
+    repeated = sorted({a for a in attributes if attributes.count(a) > 1})
+    if repeated:
+        raise UserError(f"--attributes names {', '.join(repeated)} twice: give each once")
     unknown = [a for a in attributes if a not in names]
     if unknown:
         raise UserError(
@@ -225,17 +256,29 @@ def _from_attribute_list(
         )
     columns = [names.index(a) for a in attributes]
     by_name = _by_name(data_dir, files)
-    by_base = {Path(f).name: f for f in files}
+    by_base: dict[str, list[str]] = {}
+    for file in files:
+        by_base.setdefault(Path(file).name, []).append(file)
     found, missing = {}, []
-    for number, row in enumerate(rows, start=3):
+    for number, row in rows:
         if len(row) != len(names) + 1:
             raise UserError(
-                f"{path} line {number} has {len(row) - 1} values for {len(names)} attributes"
+                f"{path} line {number} has {len(row) - 1} values for {len(names)} attributes: "
+                "give a file and one 1 or -1 per attribute"
             )
-        file = by_name.get(row[0]) or by_base.get(row[0])
-        if file is None:
+        if any(value not in ("1", "-1") for value in row[1:]):
+            raise UserError(f"{path} line {number} has a value other than 1 or -1: fix it")
+        matches = [by_name[row[0]]] if row[0] in by_name else by_base.get(row[0], [])
+        if len(matches) > 1:
+            raise UserError(
+                f"{path} line {number} names {row[0]}, and {len(matches)} files in {data_dir} "
+                "have that name: give paths relative to --data-dir, or keep one of them"
+            )
+        if not matches:
             missing.append(row[0])
-        else:
-            found[file] = [int(row[1 + c] == "1") for c in columns]
+            continue
+        values = [int(row[1 + c] == "1") for c in columns]
+        if found.setdefault(matches[0], values) != values:
+            raise UserError(f"{path} lists {row[0]} twice with other values: keep one line")
     _missing(path, missing, data_dir)
     return found, list(attributes)

@@ -163,7 +163,9 @@ class ImageLoader:
         every image ahead would only delay its first step)."""
         if self.cache_planned:
             spe = self.steps_per_epoch
-            self.cache_planned = first_step // spe != (last_step - 1) // spe
+            self.cache_planned = last_step > first_step and (
+                first_step // spe != (last_step - 1) // spe
+            )
         return self.cache_planned
 
     def _pipeline(
@@ -297,6 +299,7 @@ class ImageLoader:
         # DALI normalises as (x - mean) * (1 / std) in float32: the same here, so bitwise equal.
         scale = torch.tensor(1 / 127.5, dtype=torch.float32, device=self.device)
         staged = cache.device != self.device  # a host cache feeding a GPU
+        labels = None if self.labels is None else self.labels[indices.to(self.labels.device)]
         for first in range(0, len(indices), self.batch_size):
             batch_indices = indices[first : first + self.batch_size]
             if staged:  # gather into pinned memory, so the copy to the GPU runs asynchronously
@@ -310,10 +313,8 @@ class ImageLoader:
             if self.flip:
                 flip = mirrored[first : first + self.batch_size].view(-1, 1, 1, 1)
                 images = torch.where(flip, images.flip(2), images)
-            labels = None
-            if self.labels is not None:
-                labels = self.labels[batch_indices.to(self.device, non_blocking=True)]
-            yield images.permute(0, 3, 1, 2).float().sub_(127.5).mul_(scale), labels
+            batch_labels = None if labels is None else labels[first : first + self.batch_size]
+            yield images.permute(0, 3, 1, 2).float().sub_(127.5).mul_(scale), batch_labels
 
     def epoch_files(self, epoch: int, start_step: int = 0) -> list[str]:
         """The files this process reads in `epoch` from `start_step`, in order."""

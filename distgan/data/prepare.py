@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch.distributed
 
+from distgan.config.model import ModelConfig
 from distgan.data.faces import builtin_faces_dir, ensure_builtin_faces, render_size
 from distgan.data.folder import (
     ImageFolder,
@@ -21,7 +22,7 @@ from distgan.data.folder import (
     scan_images,
     survey_folder,
 )
-from distgan.data.labels import Labels, read_labels
+from distgan.data.labels import Labels, read_labels, require_the_model_classes
 from distgan.errors import UserError
 from distgan.runtime.env import available_cpus, local_processes
 from distgan.runtime.files import write_text_atomically
@@ -53,12 +54,15 @@ def _all_processes(found: dict) -> dict:
     return {key: value for part in parts for key, value in part.items()}
 
 
-def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> PreparedImages:
+def prepare_images(
+    accelerator, dc, resolution: int, out_dir: Path, model: ModelConfig | None = None
+) -> PreparedImages:
     """The data folder, its usable image files and their labels, the same on every process.
     Renders the built-in faces once per machine; reads the labels (`dc.labels`) before anything
     slow; scans the files for ones DALI cannot decode (each process a share, in parallel) and
     stops with the list, or skips them, as `dc.on_bad_image` says; prints the images it trains
-    on by format, the other files it skipped, and the images per class.
+    on by format, the other files it skipped, and the images per class. `model`: the model a
+    resumed or fine-tuned run goes on with, whose classes the labels must give.
 
     `accelerator` is the run's Accelerator (or anything with its process attributes), `dc` its
     DataConfig.
@@ -82,6 +86,8 @@ def prepare_images(accelerator, dc, resolution: int, out_dir: Path) -> PreparedI
         options = {"attributes": dc.attributes, "on_unlabelled": dc.on_unlabelled}
         labels = read_labels(dc.labels, folder.root, files, **options)
         files, unlabelled = labels.files, len(files) - len(labels.files)
+    if model is not None:  # before the scan: a mismatch is known now
+        require_the_model_classes(model, labels)
     rank, world = accelerator.process_index, accelerator.num_processes
     cache_dir = dc.cache_dir or default_cache_dir()
     cache = scan_cache_path(cache_dir, files, dc.crop_box, f"{rank}of{world}")

@@ -9,15 +9,12 @@ is an embedding lookup).
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from distgan.config.model import ModelConfig
-
-MAX_GRID_ATTRIBUTES = 4  # up to 2^4 = 16 rows of attribute combinations; beyond, one per attribute
+from distgan.config.model import grid_rows as model_grid_rows
 
 
 def label_vectors(config: ModelConfig, labels: torch.Tensor) -> torch.Tensor:
@@ -50,9 +47,13 @@ class ConditionalBatchNorm2d(nn.Module):
         nn.init.zeros_(self.bias.weight)
 
     def forward(self, x: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
-        gain = 1 + self.gain(label_vector).to(x.dtype)
-        bias = self.bias(label_vector).to(x.dtype)
-        return self.norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
+        # In float32 even under autocast, as BatchNorm applies its affine: in bf16, 1 + gain
+        # would round away most of a class's deviation from 1 (a few hundredths).
+        with torch.autocast(x.device.type, enabled=False):
+            gain = 1 + self.gain(label_vector.float())
+            bias = self.bias(label_vector.float())
+            out = self.norm(x).float() * gain[:, :, None, None] + bias[:, :, None, None]
+        return out.to(x.dtype)
 
 
 class Projection(nn.Module):
@@ -71,18 +72,12 @@ class Projection(nn.Module):
 
 
 def grid_rows(config: ModelConfig) -> tuple[list[str], torch.Tensor]:
-    """(row names, labels) of a sample grid: one row per class; for attributes, one row per
-    combination (up to MAX_GRID_ATTRIBUTES of them), else none and then each attribute alone."""
-    if config.conditioning == "class":
-        return list(config.classes), torch.arange(config.num_classes)
-    names = config.classes
-    if len(names) <= MAX_GRID_ATTRIBUTES:
-        combos = list(itertools.product((0.0, 1.0), repeat=len(names)))
-    else:
-        combos = [tuple(0.0 for _ in names)]
-        combos += [tuple(float(i == j) for j in range(len(names))) for i in range(len(names))]
-    rows = [" + ".join(n for n, on in zip(names, c, strict=True) if on) or "none" for c in combos]
-    return rows, torch.tensor(combos)
+    """(row names, labels) of a sample grid (config/model.py's grid_rows): class indices [R], or
+    multi-hot attributes [R, K]."""
+    rows = model_grid_rows(config.conditioning, config.classes)
+    labels = [label for _, label in rows]
+    dtype = torch.int64 if config.conditioning == "class" else torch.float32
+    return [name for name, _ in rows], torch.tensor(labels, dtype=dtype)
 
 
 def grid_labels(config: ModelConfig, columns: int) -> torch.Tensor:

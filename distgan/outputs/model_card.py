@@ -132,7 +132,8 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
         *usage(model),
         "",
         f"Fine-tune it on a folder of images: `python launch/train.py --init-from "
-        f"{REPO_PLACEHOLDER} --data-dir DIR`. Where the repository holds an ONNX export: "
+        f"{REPO_PLACEHOLDER} --data-dir DIR{fine_tune_labels(model)}`. Where the repository "
+        "holds an ONNX export: "
         f"`python -m export generate --model FILE.onnx --num 16 {class_flag(model)}--out-dir "
         "faces` (onnxruntime only).",
         "",
@@ -149,6 +150,15 @@ def conditioned(model: ModelConfig) -> str:
 def class_flag(model: ModelConfig) -> str:
     """The ONNX `generate` flag that asks for the first class (or attribute), if conditional."""
     return f"--class {shlex.quote(model.classes[0])} " if model.classes else ""
+
+
+def fine_tune_labels(model) -> str:
+    """The labels flags a fine-tuning run of a conditional model needs (the same classes)."""
+    if model.conditioning == "class":
+        return " --labels folders"  # DIR/<class>/*.png, one folder per class of the model
+    if model.conditioning == "attributes":
+        return f" --labels list_attr_celeba.txt --attributes {','.join(model.classes)}"
+    return ""
 
 
 def usage(model: ModelConfig) -> list[str]:

@@ -23,7 +23,6 @@ from distgan.config.config import Config, resume_config, saved_run_config
 from distgan.config.model import ModelConfig
 from distgan.config.sections import FailuresConfig
 from distgan.data import order
-from distgan.data.labels import Labels
 from distgan.data.loader import ImageLoader
 from distgan.errors import UserError
 from distgan.outputs.checkpoint import TrainerState, load_checkpoint
@@ -113,25 +112,6 @@ def announce_resume(out_dir: Path, step: int, changes: dict[str, tuple], note: s
     if changes:
         changed = {key: list(values) for key, values in changes.items()}
         append_jsonl(out_dir / CHANGES_FILE, {"step": step, "changes": changed})
-
-
-def conditioning_of(labels: Labels | None) -> dict:
-    """The model fields (conditioning, classes) that training on `labels` sets."""
-    if labels is None:
-        return {"conditioning": "none", "classes": []}
-    return {"conditioning": labels.conditioning, "classes": list(labels.classes)}
-
-
-def require_the_model_classes(model: ModelConfig, labels: Labels | None) -> None:
-    """A UserError unless `labels` give the classes a resumed (or --init-from) model has."""
-    if conditioning_of(labels) == {"conditioning": model.conditioning, "classes": model.classes}:
-        return
-    had = f"{model.conditioning} {model.classes}" if model.classes else "no labels"
-    has = f"{labels.conditioning} {labels.classes}" if labels else "no labels (--labels none)"
-    raise UserError(
-        f"the model was trained on {had}, and the data now gives {has}: train on the same "
-        "labels (--labels, --attributes), or start a new run"
-    )
 
 
 def build_cache(loader: ImageLoader, log) -> None:

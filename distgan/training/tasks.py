@@ -209,7 +209,8 @@ class Evaluation(Task):
 @dataclass(kw_only=True)
 class SampleGrid:
     """The fixed latents (and labels) of the sample grids: a square-ish grid of num_samples
-    images; when conditional, one row per class (or attribute combination), each column one z."""
+    images; when conditional, one row per class (or attribute combination) of
+    max(1, num_samples // rows) images, each column one z."""
 
     z: torch.Tensor
     labels: torch.Tensor | None

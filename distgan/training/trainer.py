@@ -116,14 +116,14 @@ class Trainer:
 
     def _load_data(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
-        data = prepare_images(accelerator, cfg.data, cfg.model.resolution, self.out_dir)
+        fresh = self.resume_from is None and self.start is None  # else the model has its own
+        model = None if fresh else cfg.model
+        data = prepare_images(accelerator, cfg.data, cfg.model.resolution, self.out_dir, model)
         self.data_dir, self.files, self.labels = data.data_dir, data.files, data.labels
-        if self.resume_from is None and self.start is None:  # else the model has its own
+        if fresh:
             channels = resolve_channels(accelerator, cfg.data.channels, self.files)
-            conditioning = setup.conditioning_of(self.labels)
-            self.cfg = replace(cfg, model=replace(cfg.model, channels=channels, **conditioning))
-        else:
-            setup.require_the_model_classes(self.cfg.model, self.labels)
+            labelled = self.labels.model_fields() if self.labels else {}
+            self.cfg = replace(cfg, model=replace(cfg.model, channels=channels, **labelled))
         self.loader = ImageLoader.for_run(self.files, self.cfg, accelerator, self.labels)
         tc = self.cfg.train
         self.total_steps = tc.max_steps or tc.epochs * self.loader.steps_per_epoch

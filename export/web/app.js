@@ -23,7 +23,7 @@ const attributeBoxes = document.getElementById("attributes");
 const { latents, parseSeeds, MAX_SEED } = window.distganLatents;
 const state = {
   session: null, zDim: 0, zDistribution: "normal", seeds: [], walkSeeds: [], psi: 1,
-  from: null, to: null, renders: 0, conditioning: "none", classes: [],
+  from: null, to: null, renders: 0, conditioning: "none", classes: [], pickerNote: "",
 };
 window.distgan = state; // read by the browser test
 
@@ -130,11 +130,16 @@ function setUpPicker(chosen) {
   if (state.conditioning === "class") {
     document.getElementById("class-picker").hidden = false;
     state.classes.forEach((name, index) => classSelect.add(new Option(name, String(index))));
-    classSelect.value = String(Math.max(0, findClass((chosen || "").trim()))); // unknown: the first
+    const index = findClass((chosen || "").trim());
+    if (chosen && index < 0) state.pickerNote = `?class=${chosen} is not a class of this model: showing the first`;
+    classSelect.value = String(Math.max(0, index));
     classSelect.addEventListener("change", showClass);
     return;
   }
-  const picked = (chosen || "").split(",").map((part) => findClass(part.trim()));
+  const parts = (chosen || "").split(",").map((part) => part.trim()).filter((part) => part && part !== "none");
+  const picked = parts.map(findClass);
+  const unknown = parts.filter((_, i) => picked[i] < 0);
+  if (unknown.length) state.pickerNote = `?class=: ${unknown.join(",")} not attributes of this model, left off`;
   attributeBoxes.hidden = false;
   state.classes.forEach((name, index) => {
     const box = Object.assign(document.createElement("input"), { type: "checkbox", value: String(index) });
@@ -200,7 +205,8 @@ async function render() {
   state.renders += 1;
   const took = (performance.now() - started).toFixed(0);
   const label = state.conditioning === "none" ? "" : `, ${state.conditioning} ${chosenLabel()}`;
-  status.textContent = `ready: ${count} faces in ${took} ms (z_dim ${state.zDim}, z ${state.zDistribution}${label})`;
+  const note = state.pickerNote ? `; ${state.pickerNote}` : "";
+  status.textContent = `ready: ${count} faces in ${took} ms (z_dim ${state.zDim}, z ${state.zDistribution}${label})${note}`;
 }
 
 function showSeeds(seeds) {

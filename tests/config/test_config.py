@@ -151,6 +151,23 @@ def test_example_digits_config_loads():
     assert config.model.resolution == 28 and config.data.flip is False
 
 
+def test_config_files_layer_in_order_under_the_flags(tmp_path):
+    from tests.helpers import REPO
+
+    configs = REPO / "launch" / "configs"
+    recipe, overlay = str(configs / "mnist28.toml"), str(configs / "mnist28-classes.toml")
+    config = parse_args(["--config", recipe, overlay, "--data-dir", "x", "--batch-size", "16"])
+    assert config.model.resolution == 28 and config.model.g_channels == 96  # the recipe's
+    assert config.train.loss == "hinge" and config.model.d_spectral_norm  # the overlay's
+    assert config.data.labels == "folders" and config.train.r1_gamma == 0.0
+    assert config.train.lr_g == 2e-3 and config.train.batch_size == 16  # the flag's
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    first.write_text("[train]\nlr_g = 1e-3\nlr_d = 1e-3\n")
+    second.write_text("[train]\nlr_d = 5e-4\n")
+    layered = parse_args(["--config", str(first), str(second)])
+    assert (layered.train.lr_g, layered.train.lr_d) == (1e-3, 5e-4)
+
+
 def saved_run() -> Config:
     """A run's config.toml as a resume reads it back: everything in it counts as given."""
     return parse_args(

@@ -2,16 +2,18 @@
 of file,class rows and CelebA-style attribute lists (multi-hot); each bad label input (an image
 without a label, a class without images, a file the labels name that is not there, a bad row, an
 unknown attribute) stopping with a one-line error, or the unlabelled images skipped as
---on-unlabelled says; the start-up line's images per class; the labels config's own checks; and
-labels travelling with their images through DALI, sharded, streamed and cached alike."""
+--on-unlabelled says; hidden folders, Excel's CSVs, ambiguous or repeated names, the same class
+order everywhere; a resumed model's classes checked against the data's; the start-up line's images
+per class; the labels config's own checks; and labels travelling with their images through DALI, sharded, streamed and cached alike."""
 
 import pytest
 import torch
 from PIL import Image
 
+from distgan.config.model import ModelConfig
 from distgan.config.sections import DataConfig
 from distgan.data.folder import find_images
-from distgan.data.labels import class_order, read_labels
+from distgan.data.labels import class_order, read_labels, require_the_model_classes
 from distgan.data.loader import ImageLoader, label_table
 from distgan.errors import UserError
 from tests.helpers import colour_index, write_images
@@ -197,3 +199,64 @@ def test_labels_travel_with_their_images_through_dali(tmp_path, cache):
                 ]
                 seen += shown
     assert set(seen) == set(range(36))
+
+
+def test_hidden_folders_are_no_class(class_folders):
+    gray_png(class_folders / ".ipynb_checkpoints" / "0-checkpoint.png")
+    files = find_images(class_folders)
+    skipped = read_labels("folders", class_folders, files, on_unlabelled="skip")
+    assert skipped.classes == ["10", "cat", "dog"] and len(skipped.files) == len(files) - 1
+    with pytest.raises(UserError, match="outside any class folder"):
+        read_labels("folders", class_folders, files)
+
+
+def test_class_order_is_the_same_everywhere():
+    assert class_order(["07", "7", "1", "01"]) == ["01", "1", "07", "7"]
+    assert class_order(["--1", "2"]) == ["--1", "2"]  # not all integers: as text
+
+
+def test_an_attribute_list_naming_a_file_twice_or_ambiguously_stops(celeba_like, tmp_path):
+    images, listing = celeba_like
+    listing.write_text(ATTRIBUTES + "\n000001.jpg -1 -1 1\n")  # a blank line, then a conflict
+    with pytest.raises(UserError, match="lists 000001.jpg twice with other values"):
+        read_labels(str(listing), images, find_images(images), attributes=["Smiling"])
+    listing.write_text(ATTRIBUTES + "\n000004.jpg 1 1\n")
+    with pytest.raises(UserError, match="line 7 has 2 values for 3 attributes"):
+        read_labels(str(listing), images, find_images(images), attributes=["Smiling"])
+    for split in ("train", "val"):  # the same name in two folders: a basename matches both
+        (images / split).mkdir()
+        Image.new("RGB", (8, 8)).save(images / split / "000001.jpg")
+    (images / "000001.jpg").unlink()
+    listing.write_text(ATTRIBUTES)
+    with pytest.raises(UserError, match="names 000001.jpg, and 2 files in .* have that name"):
+        read_labels(str(listing), images, find_images(images), attributes=["Smiling"])
+
+
+def test_attributes_named_twice_or_on_for_no_image_stop(celeba_like):
+    images, listing = celeba_like
+    files = find_images(images)
+    with pytest.raises(UserError, match="names Smiling twice"):
+        read_labels(str(listing), images, files, attributes=["Smiling", "Smiling"])
+    listing.write_text(ATTRIBUTES.replace("1 -1 1\n", "-1 -1 1\n", 1).replace("1 1 -1", "-1 1 -1"))
+    with pytest.raises(UserError, match="no usable image has Smiling: drop it"):
+        read_labels(str(listing), images, files, attributes=["Smiling", "Male"])
+
+
+def test_a_csv_saved_by_excel_reads(tmp_path):
+    for name in ("a.png", "b.png"):
+        gray_png(tmp_path / "images" / name)
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes("\ufeffFile,Class\r\na.png,x\r\nb.png,y\r\n".encode())
+    labels = read_labels(str(csv), tmp_path / "images", find_images(tmp_path / "images"))
+    assert labels.classes == ["x", "y"] and labels.values == [0, 1]
+
+
+def test_a_resumed_model_needs_its_classes(class_folders):
+    labels = read_labels("folders", class_folders, find_images(class_folders))
+    model = ModelConfig(**labels.model_fields())
+    require_the_model_classes(model, labels)
+    require_the_model_classes(ModelConfig(), None)
+    with pytest.raises(UserError, match="trained on labels class 10, cat, dog, and the data now"):
+        require_the_model_classes(model, None)
+    with pytest.raises(UserError, match="trained on labels none, and the data now gives class"):
+        require_the_model_classes(ModelConfig(), labels)

@@ -45,7 +45,7 @@ def conditional_generator(folder, conditioning, classes, **config) -> Generator:
             generator(torch.randn(32, 16), labels)
         for module in generator.modules():
             if isinstance(module, torch.nn.ConvTranspose2d):
-                module.weight.mul_(8)
+                module.weight.mul_(4)
             if isinstance(module, torch.nn.Linear):
                 module.weight.normal_(0.0, 1.0)
     save_generator(folder, generator.eval(), step=42, images_seen=420)

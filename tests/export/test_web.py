@@ -334,6 +334,11 @@ def test_the_class_picker_draws_the_class_onnxruntime_draws(site, browser, tmp_p
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
 
+    browser.get(site.replace("index.html", "index.html?model=picker.onnx&class=nope&seeds=3"))
+    wait_for_renders(browser, 1)
+    status = browser.find_element(By.ID, "status").text
+    assert "?class=nope is not a class of this model: showing the first" in status
+
 
 def test_attribute_checkboxes_feed_a_multi_hot_label(site, browser, tmp_path):
     model = tmp_path / "site" / "attributes.onnx"

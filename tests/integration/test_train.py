@@ -31,7 +31,14 @@ from distgan.training.precision import (
     resolve_mixed_precision,
     resumed_precision,
 )
-from tests.helpers import SMALL_GAN, image_array, run_module, run_train, small_run
+from tests.helpers import (
+    SMALL_GAN,
+    assert_same_weights,
+    image_array,
+    run_module,
+    run_train,
+    small_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -89,14 +96,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, faces_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "steps 10 -> 20" in result.stdout
     # Same data order, z, flips, optimizer and RNG state: bitwise the same weights.
-    for name in (
-        "generator.safetensors",
-        "checkpoints/step-00000020/model_1.safetensors",
-        "checkpoints/step-00000020/ema.safetensors",
-    ):
-        a, b = load_file(straight / name), load_file(resumed / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(straight, resumed, 20)
     assert [r["loss_d"] for r in metrics(straight)] == [r["loss_d"] for r in metrics(resumed)]
 
 
