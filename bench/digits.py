@@ -105,9 +105,15 @@ GOAL_OVER_NONE = 1.5  # small data: --augment none FD / --augment diffaugment FD
 SMALL_DATA_AUGMENTS = ("diffaugment", "none")  # the recipe with each, on the small subsets
 
 
-def recipe_config(out_dir: Path, data_dir: Path, steps: int, every: int, tiny: bool, **overrides):
-    """The trainer's config for one run: the digits recipe file, the budget and outputs."""
+def recipe_config(
+    out_dir: Path, data_dir: Path, steps: int, every: int, tiny: bool, overlays=(), **overrides
+):
+    """The trainer's config for one run: the digits recipe file (and `overlays`, config files
+    over it, in turn), the budget and outputs."""
     sections = load_toml(RECIPE_FILE)
+    for overlay in overlays:
+        for section, values in load_toml(overlay).items():
+            sections.setdefault(section, {}).update(values)
     small = {"g_channels": 16, "d_channels": 16} if tiny else {}
     return make_config(
         sections,

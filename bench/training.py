@@ -177,6 +177,10 @@ def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
         "28 px gray, mnist28.toml, 10 classes": (labelled, recipe),
         "64 px RGB, defaults": (ModelConfig(resolution=64), {}),
         "64 px RGB, defaults again": (ModelConfig(resolution=64), {}),
+        "64 px RGB, defaults, 10 classes": (
+            ModelConfig(resolution=64, conditioning="class", classes=ten),
+            {},
+        ),
     }
     return {
         name: TrainerRun(

@@ -172,8 +172,10 @@ def fake_stats(
     parts = []
     for start in range(0, per_process, batch_size):
         chunk = keys[start : start + batch_size].clamp(min=0)
-        labels = None if labels_all is None else labels_all[chunk].to(device)
-        parts.append(extractor(extractor_input(generator(z_all[chunk].to(device), labels))))
+        inputs = [z_all[chunk].to(device)]
+        if labels_all is not None:
+            inputs.append(labels_all[chunk].to(device))
+        parts.append(extractor(extractor_input(generator(*inputs))))
     generator.train(was_training)
     return Stats.of(_gather_in_order(dist, torch.cat(parts), keys))
 

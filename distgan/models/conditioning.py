@@ -18,42 +18,43 @@ from distgan.config.model import grid_rows as model_grid_rows
 
 
 def label_vectors(config: ModelConfig, labels: torch.Tensor) -> torch.Tensor:
-    """Labels as float vectors [B, K]: class indices one-hot, attribute vectors as they are."""
-    if config.conditioning == "class":
+    """Labels as float vectors [B, K]: class indices one-hot, vectors (attributes, or classes
+    made vectors already, once for a training step's several passes) as they are."""
+    vectors = labels.dim() == 2 and labels.dtype.is_floating_point
+    if config.conditioning == "class" and not vectors:
         if labels.dim() != 1 or labels.dtype.is_floating_point:
             raise ValueError(
                 f"class labels must be integer indices [B], not {labels.dtype} {list(labels.shape)}"
             )
         return nn.functional.one_hot(labels.long(), config.num_classes).float()
-    if labels.dim() != 2 or labels.shape[1] != config.num_classes:
+    if not vectors or labels.shape[1] != config.num_classes:
         raise ValueError(
-            f"attribute labels must be multi-hot [B, {config.num_classes}], "
-            f"not {list(labels.shape)}"
+            f"label vectors must be float [B, {config.num_classes}], "
+            f"not {labels.dtype} {list(labels.shape)}"
         )
-    return labels.float()
+    return labels
 
 
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose gain and bias depend on the label (de Vries et al. 2017; SNGAN, BigGAN):
-    normalise without affine, then x * (1 + y W_gain) + y W_bias for the label vector y."""
+    normalise without affine, then x * (1 + delta) + bias, with [delta, bias] = y W for the
+    label vector y (one linear map for both: one product a layer)."""
 
     def __init__(self, num_features: int, num_classes: int):
         super().__init__()
         self.norm = nn.BatchNorm2d(num_features, affine=False)
-        self.gain = nn.Linear(num_classes, num_features, bias=False)
-        self.bias = nn.Linear(num_classes, num_features, bias=False)
+        self.affine = nn.Linear(num_classes, 2 * num_features, bias=False)
         # As DCGAN's BatchNorm weights, N(1, 0.02), and its biases, 0.
-        nn.init.normal_(self.gain.weight, 0.0, 0.02)
-        nn.init.zeros_(self.bias.weight)
+        nn.init.normal_(self.affine.weight[:num_features], 0.0, 0.02)
+        nn.init.zeros_(self.affine.weight[num_features:])
 
     def forward(self, x: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
-        # In float32 even under autocast, as BatchNorm applies its affine: in bf16, 1 + gain
-        # would round away most of a class's deviation from 1 (a few hundredths).
-        with torch.autocast(x.device.type, enabled=False):
-            gain = 1 + self.gain(label_vector.float())
-            bias = self.bias(label_vector.float())
-            out = self.norm(x).float() * gain[:, :, None, None] + bias[:, :, None, None]
-        return out.to(x.dtype)
+        normed = self.norm(x)
+        delta, bias = self.affine(label_vector).to(normed.dtype)[:, :, None, None].chunk(2, dim=1)
+        # n * (1 + delta) + bias as n + (n * delta + bias): under bf16 autocast, 1 + delta itself
+        # would round away most of a class's deviation (a few hundredths); delta and the sum
+        # keep it, at bf16's relative precision, with no float32 copy of the activations.
+        return torch.addcmul(normed + bias, normed, delta)
 
 
 class Projection(nn.Module):
@@ -67,7 +68,7 @@ class Projection(nn.Module):
         self.embed = spectral_norm(embed) if spectral else embed
 
     def forward(self, features: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
-        pooled = features.float().sum(dim=(2, 3))
+        pooled = features.sum(dim=(2, 3)).float()
         return (self.embed(label_vector.float()) * pooled).sum(dim=1)
 
 

@@ -39,8 +39,15 @@ def test_tiny_conditional_run_writes_every_goal(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = out.glob("conditional-*-tiny.json")
     data = json.loads(path.read_text())
-    assert list(data["runs"]) == ["unconditional", "conditional"]
-    assert data["runs"]["conditional"]["options"] == {"labels": "folders"}
+    assert list(data["runs"]) == [
+        "unconditional",
+        "unconditional, same batch",
+        "conditional",
+    ]
+    runs = data["runs"]
+    assert runs["unconditional, same batch"]["batch_size"] == runs["conditional"]["batch_size"]
+    assert runs["unconditional"]["batch_size"] == 64 > runs["conditional"]["batch_size"]
+    assert data["runs"]["conditional"]["settings"] == {"overlays": ["mnist28-classes.toml"]}
     assert len(data["runs"]["conditional"]["class_accuracy"]) == 10
     assert "class_accuracy" not in data["runs"]["unconditional"]
     assert all(math.isfinite(run["fd"]) for run in data["runs"].values())
@@ -48,6 +55,7 @@ def test_tiny_conditional_run_writes_every_goal(tmp_path):
     assert "| accuracy >= 95% |" in table and "| FD no worse than unconditional |" in table
     assert {p.name for p in (out / path.stem).iterdir()} == {
         "unconditional.png",
+        "unconditional-same-batch.png",
         "conditional.png",
     }
 

@@ -156,11 +156,11 @@ def test_config_files_layer_in_order_under_the_flags(tmp_path):
 
     configs = REPO / "launch" / "configs"
     recipe, overlay = str(configs / "mnist28.toml"), str(configs / "mnist28-classes.toml")
-    config = parse_args(["--config", recipe, overlay, "--data-dir", "x", "--batch-size", "16"])
+    config = parse_args(["--config", recipe, overlay, "--data-dir", "x", "--batch-size", "8"])
     assert config.model.resolution == 28 and config.model.g_channels == 96  # the recipe's
     assert config.train.loss == "hinge" and config.model.d_spectral_norm  # the overlay's
     assert config.data.labels == "folders" and config.train.r1_gamma == 0.0
-    assert config.train.lr_g == 2e-3 and config.train.batch_size == 16  # the flag's
+    assert config.train.lr_g == 2e-3 and config.train.batch_size == 8  # the flag's
     first, second = tmp_path / "a.toml", tmp_path / "b.toml"
     first.write_text("[train]\nlr_g = 1e-3\nlr_d = 1e-3\n")
     second.write_text("[train]\nlr_d = 5e-4\n")

@@ -5,7 +5,8 @@ features, FID(real, real) = 0, FID growing with corruption, two processes = one 
 Inception weights (checksum, pickled payloads refused, a one-line error when missing, and the
 real network when its weights are present); grayscale models scored against grayscale real images
 (one channel repeated for the extractor, statistics cached apart) and fake z drawn from the
-model's own z distribution; FID/KID during training and standalone evaluation."""
+model's own z distribution; a conditional model scored on labels drawn from the data's, the same
+every evaluation; FID/KID during training and standalone evaluation."""
 
 import json
 import subprocess
@@ -379,3 +380,33 @@ def test_inception_runs_in_ieee_fp32_and_restores_the_settings():
     with extractors.full_fp32():
         assert [knob.fp32_precision for knob in knobs] == ["ieee", "ieee"]
     assert [knob.fp32_precision for knob in knobs] == before
+
+
+class LabelRecorder(LatentRecorder):
+    """LatentRecorder for a conditional model: keeps the labels it is asked for too."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.labels = []
+
+    def forward(self, z, labels):
+        self.labels.append(labels)
+        return super().forward(z)
+
+
+def test_a_conditional_model_is_scored_on_labels_drawn_from_the_data():
+    config = ModelConfig(
+        resolution=28, channels=1, z_dim=8, conditioning="class", classes=["a", "b", "c"]
+    )
+    table = torch.tensor([0] * 30 + [2] * 10)  # the data: class a three times as often as c
+    sampling = dict(batch_size=64, seed=0, device=torch.device("cpu"), label_table=table)
+    extractor, dist = extractors.PixelFeatures(), statistics.SingleProcess()
+    recorder = LabelRecorder(config)
+    statistics.fake_stats(dist, extractor, recorder, 2000, **sampling)
+    labels = torch.cat(recorder.labels)
+    assert len(labels) == 2000 and set(labels.tolist()) == {0, 2}
+    assert 0.7 < (labels == 0).float().mean() < 0.8
+    again = LabelRecorder(config)
+    statistics.fake_stats(dist, extractor, again, 2000, **sampling)
+    assert torch.equal(torch.cat(again.labels), labels)  # the same labels every evaluation
+    assert torch.equal(torch.cat(again.seen), torch.cat(recorder.seen))
