@@ -82,8 +82,12 @@ pytestmark = [
     ),
 ]
 
+# 10 steps of batch 32 (8 steps an epoch) read images twice: a run the decoded cache is built for
+# (a run within one epoch streams).
+TWO_EPOCHS = ("--max-steps", "10", "--batch-size", "32")
 CACHE_LINE = re.compile(r"decoded-image cache: 240 images, \d+ MiB in cuda(:\d+)? memory")
 ON_CUDA = "distgan: 1 process(es) on cuda, batch 8/process (global 8)"
+ON_CUDA_32 = ON_CUDA.replace("batch 8/process (global 8)", "batch 32/process (global 32)")
 CROP_BOX = ["24", "32", "80", "80"]  # inside the 128 px built-in faces
 
 
@@ -129,7 +133,7 @@ def python_module(*args, timeout: int = 300) -> subprocess.CompletedProcess:
 def trained_run(tmp_path_factory, faces_cache):
     """One short run from the GPU cache (the defaults): (its folder, its CompletedProcess)."""
     out = tmp_path_factory.mktemp("gpu-run") / "run"
-    result = train(out, faces_cache, "--max-steps", "10", "--decoded-cache", "auto")
+    result = train(out, faces_cache, *TWO_EPOCHS, "--decoded-cache", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -139,7 +143,7 @@ def trained_run(tmp_path_factory, faces_cache):
 
 def test_cached_run_trains_on_cuda_from_gpu_memory(trained_run):
     out, result = trained_run
-    assert ON_CUDA in result.stdout, result.stdout[-2000:]
+    assert ON_CUDA_32 in result.stdout, result.stdout[-2000:]
     assert CACHE_LINE.search(result.stdout), result.stdout[-2000:]
     assert "done: step 10" in result.stdout
     assert_finite_run(out, [5, 10])
@@ -149,9 +153,9 @@ def test_cached_run_trains_on_cuda_from_gpu_memory(trained_run):
 def test_streaming_gives_the_cached_batches_centred(tmp_path, faces_cache, trained_run):
     cached, _ = trained_run
     streamed = tmp_path / "streamed"
-    result = train(streamed, faces_cache, "--max-steps", "10", "--decoded-cache", "off")
+    result = train(streamed, faces_cache, *TWO_EPOCHS, "--decoded-cache", "off")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert ON_CUDA in result.stdout and "decoded-image cache" not in result.stdout
+    assert ON_CUDA_32 in result.stdout and "decoded-image cache" not in result.stdout
     assert_finite_run(streamed, [5, 10])
     # The same first batch (order, flips, decode, resize, normalisation) either way. Training
     # itself is not bitwise on a GPU without --deterministic: cuDNN's backward is not.
@@ -167,10 +171,10 @@ def test_crop_box_streaming_and_cached_give_the_same_batches(tmp_path, faces_cac
     grids = {}
     for mode in ("off", "auto"):
         out = tmp_path / mode
-        flags = ("--max-steps", "10", "--decoded-cache", mode, "--crop-box", *CROP_BOX)
+        flags = (*TWO_EPOCHS, "--decoded-cache", mode, "--crop-box", *CROP_BOX)
         result = train(out, faces_cache, *flags)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert ON_CUDA in result.stdout
+        assert ON_CUDA_32 in result.stdout
         assert bool(CACHE_LINE.search(result.stdout)) == (mode == "auto"), result.stdout[-2000:]
         saved = tomllib.loads((out / "config.toml").read_text())
         assert saved["data"]["crop_box"] == [24, 32, 80, 80]
@@ -181,9 +185,9 @@ def test_crop_box_streaming_and_cached_give_the_same_batches(tmp_path, faces_cac
 
 def test_one_process_under_accelerate_launch_uses_the_gpu(tmp_path, faces_cache):
     out = tmp_path / "accelerate"
-    result = train(out, faces_cache, "--max-steps", "10", launcher=accelerate_launch(1))
+    result = train(out, faces_cache, *TWO_EPOCHS, launcher=accelerate_launch(1))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert ON_CUDA in result.stdout, result.stdout[-2000:]
+    assert ON_CUDA_32 in result.stdout, result.stdout[-2000:]
     # Accelerate's device is `cuda` with no index: DALI and the cache must still be on the GPU.
     assert CACHE_LINE.search(result.stdout), result.stdout[-2000:]
     assert result.stdout.count("done: step 10") == 1
@@ -393,10 +397,10 @@ def test_gray_training_streams_and_caches_the_same_batches(tmp_path, faces_cache
     grids = {}
     for mode in ("off", "auto"):
         out = tmp_path / mode
-        flags = ("--max-steps", "10", "--channels", "1", "--decoded-cache", mode)
+        flags = (*TWO_EPOCHS, "--channels", "1", "--decoded-cache", mode)
         result = train(out, faces_cache, *flags)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert ON_CUDA in result.stdout and "(as grayscale)" in result.stdout
+        assert ON_CUDA_32 in result.stdout and "(as grayscale)" in result.stdout
         assert bool(CACHE_LINE.search(result.stdout)) == (mode == "auto"), result.stdout[-2000:]
         assert_finite_run(out, [5, 10])
         grids[mode] = image_array(out / "samples" / "real.png")
@@ -408,8 +412,7 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path, faces_cache):
     for out in outs:
         # --augment none: grid_sample's and the gathers' CUDA backward are not deterministic.
         flags = (
-            "--max-steps",
-            "10",
+            *TWO_EPOCHS,
             "--deterministic",
             "--decoded-cache",
             "auto",
@@ -418,7 +421,7 @@ def test_deterministic_runs_are_bitwise_identical(tmp_path, faces_cache):
         )
         result = train(out, faces_cache, *flags)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert ON_CUDA in result.stdout and CACHE_LINE.search(result.stdout)
+        assert ON_CUDA_32 in result.stdout and CACHE_LINE.search(result.stdout)
     for name in ("generator.safetensors", "checkpoints/step-00000010/model_1.safetensors"):
         a, b = load_file(outs[0] / name), load_file(outs[1] / name)
         assert a.keys() == b.keys()
