@@ -81,12 +81,6 @@ def grid_rows(config: ModelConfig) -> tuple[list[str], torch.Tensor]:
     return [name for name, _ in rows], torch.tensor(labels, dtype=dtype)
 
 
-def grid_labels(config: ModelConfig, columns: int) -> torch.Tensor:
-    """The labels of a grid of `columns` images per row (grid_rows), row by row."""
-    _, labels = grid_rows(config)
-    return labels.repeat_interleave(columns, dim=0)
-
-
 def draw_labels(
     config: ModelConfig,
     count: int,

@@ -15,7 +15,7 @@ from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
 from distgan.config.model import ModelConfig
-from distgan.models.conditioning import grid_labels, grid_rows
+from distgan.models.conditioning import grid_rows
 from distgan.models.dcgan import sample_latents
 from distgan.outputs.checkpoint import TrainerState, save_checkpoint, save_generator
 from distgan.outputs.report import append_jsonl, plot_losses, save_grid
@@ -222,10 +222,10 @@ class SampleGrid:
         if not config.classes:
             z = sample_latents(config, num_samples, generator=seeded)
             return cls(z=z.to(device), labels=None, columns=None)
-        rows, _ = grid_rows(config)
-        columns = max(1, num_samples // len(rows))
-        z = sample_latents(config, columns, generator=seeded).repeat(len(rows), 1)
-        labels = grid_labels(config, columns)
+        names, row_labels = grid_rows(config)
+        columns = max(1, num_samples // len(names))
+        z = sample_latents(config, columns, generator=seeded).repeat(len(names), 1)
+        labels = row_labels.repeat_interleave(columns, dim=0)  # row by row
         return cls(z=z.to(device), labels=labels.to(device), columns=columns)
 
 
