@@ -33,6 +33,8 @@ def main(folder: str) -> None:
     result = {**metrics.scores(real, fake), **counts}
     if accelerator.is_main_process:
         print(json.dumps(result))
+    accelerator.wait_for_everyone()  # and end as the trainer does (see shard_check.py)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ def main(folder: str) -> None:
         print(f"shards {sorted(map(sorted, shards))} counts {counts}")
         if not overlap and union == set(range(len(files))):
             print("disjoint and complete")
+    # As the trainer ends: a rank that exits while its peer's gloo thread still reads the socket
+    # can abort that peer ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
