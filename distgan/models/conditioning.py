@@ -2,9 +2,9 @@
 and the labels of sample grids.
 
 A label is a class index (int64 [B], conditioning "class") or a multi-hot vector of attributes
-(float [B, K], conditioning "attributes"). Both become a vector [B, K], one-hot or multi-hot,
-which linear maps turn into per-channel gains, biases and projections (for a one-hot vector that
-is an embedding lookup).
+(float [B, K], conditioning "attributes"). The gains, biases and projections are rows of a table
+per layer, one row per class: a class index looks its row up, a vector sums the rows it weights
+(so a one-hot vector gives its class's row). G also takes the vector beside z.
 """
 
 from __future__ import annotations
@@ -17,44 +17,75 @@ from distgan.config.model import ModelConfig
 from distgan.config.model import grid_rows as model_grid_rows
 
 
-def label_vectors(config: ModelConfig, labels: torch.Tensor) -> torch.Tensor:
-    """Labels as float vectors [B, K]: class indices one-hot, vectors (attributes, or classes
-    made vectors already, once for a training step's several passes) as they are."""
+def check_labels(config: ModelConfig, labels: torch.Tensor) -> None:
+    """Refuse labels of the wrong kind for `config`: class indices int [B], or float label
+    vectors [B, K] (attributes, or classes made vectors)."""
     vectors = labels.dim() == 2 and labels.dtype.is_floating_point
     if config.conditioning == "class" and not vectors:
         if labels.dim() != 1 or labels.dtype.is_floating_point:
             raise ValueError(
                 f"class labels must be integer indices [B], not {labels.dtype} {list(labels.shape)}"
             )
-        return nn.functional.one_hot(labels.long(), config.num_classes).float()
-    if not vectors or labels.shape[1] != config.num_classes:
+    elif not vectors or labels.shape[1] != config.num_classes:
         raise ValueError(
             f"label vectors must be float [B, {config.num_classes}], "
             f"not {labels.dtype} {list(labels.shape)}"
         )
-    return labels
+
+
+def label_vectors(config: ModelConfig, labels: torch.Tensor) -> torch.Tensor:
+    """Labels as float vectors [B, K]: class indices one-hot, vectors as they are."""
+    check_labels(config, labels)
+    if labels.dtype.is_floating_point:
+        return labels
+    return nn.functional.one_hot(labels.long(), config.num_classes).float()
+
+
+def embed_labels(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Float32 rows of `table` [K, D] for labels: a row per class index (a lookup, no one-hot
+    product), or the sum of the rows a label vector weights (attributes)."""
+    if labels.dtype.is_floating_point:
+        return labels.float() @ table.float()
+    return nn.functional.embedding(labels, table)
 
 
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose gain and bias depend on the label (de Vries et al. 2017; SNGAN, BigGAN):
-    normalise without affine, then x * (1 + delta) + bias, with [delta, bias] = y W for the
-    label vector y (one linear map for both: one product a layer)."""
+    normalise without affine, then x * gain + bias, with the gain's deviation from 1 and the bias
+    one row of `embed` per class (for attribute vectors, their sum)."""
 
     def __init__(self, num_features: int, num_classes: int):
         super().__init__()
         self.norm = nn.BatchNorm2d(num_features, affine=False)
-        self.affine = nn.Linear(num_classes, 2 * num_features, bias=False)
+        self.embed = nn.Embedding(num_classes, 2 * num_features)
         # As DCGAN's BatchNorm weights, N(1, 0.02), and its biases, 0.
-        nn.init.normal_(self.affine.weight[:num_features], 0.0, 0.02)
-        nn.init.zeros_(self.affine.weight[num_features:])
+        nn.init.normal_(self.embed.weight[:, :num_features], 0.0, 0.02)
+        nn.init.zeros_(self.embed.weight[:, num_features:])
 
-    def forward(self, x: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         normed = self.norm(x)
-        delta, bias = self.affine(label_vector).to(normed.dtype)[:, :, None, None].chunk(2, dim=1)
-        # n * (1 + delta) + bias as n + (n * delta + bias): under bf16 autocast, 1 + delta itself
-        # would round away most of a class's deviation (a few hundredths); delta and the sum
-        # keep it, at bf16's relative precision, with no float32 copy of the activations.
+        delta, bias = embed_labels(labels, self.embed.weight)[:, :, None, None].chunk(2, dim=1)
+        return Modulate.apply(normed, delta.to(normed.dtype), bias.to(normed.dtype))
+
+
+class Modulate(torch.autograd.Function):
+    """n * (1 + delta) + bias, written n + (n * delta + bias): under bf16, 1 + delta itself would
+    round away most of a class's deviation (a few hundredths), which cost digits their per-class
+    accuracy; delta and the sum keep it. The backward by hand: the gradient of n as one
+    addcmul, where autograd's two nodes take a product and then a sum (the conditional step's
+    extra cost is here)."""
+
+    @staticmethod
+    def forward(ctx, normed: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(normed, delta)
         return torch.addcmul(normed + bias, normed, delta)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normed, delta = ctx.saved_tensors
+        grad_normed = torch.addcmul(grad, grad, delta)
+        grad_delta = (grad * normed).sum((2, 3), keepdim=True)
+        return grad_normed, grad_delta, grad.sum((2, 3), keepdim=True)
 
 
 class Projection(nn.Module):
@@ -63,13 +94,13 @@ class Projection(nn.Module):
 
     def __init__(self, num_features: int, num_classes: int, spectral: bool):
         super().__init__()
-        embed = nn.Linear(num_classes, num_features, bias=False)
+        embed = nn.Embedding(num_classes, num_features)
         nn.init.xavier_uniform_(embed.weight)
         self.embed = spectral_norm(embed) if spectral else embed
 
-    def forward(self, features: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pooled = features.sum(dim=(2, 3)).float()
-        return (self.embed(label_vector.float()) * pooled).sum(dim=1)
+        return torch.linalg.vecdot(embed_labels(labels, self.embed.weight), pooled)
 
 
 def grid_rows(config: ModelConfig) -> tuple[list[str], torch.Tensor]:

@@ -7,7 +7,12 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from distgan.config.model import Init, ModelConfig
-from distgan.models.conditioning import ConditionalBatchNorm2d, Projection, label_vectors
+from distgan.models.conditioning import (
+    ConditionalBatchNorm2d,
+    Projection,
+    check_labels,
+    label_vectors,
+)
 
 
 def _widths(base: int, num_stages: int) -> list[int]:
@@ -93,7 +98,7 @@ class Generator(nn.Module):
         x = torch.cat([x, label_vector.to(x.dtype)[:, :, None, None]], dim=1)
         for layer in self.net:
             conditional = isinstance(layer, ConditionalBatchNorm2d)
-            x = layer(x, label_vector) if conditional else layer(x)
+            x = layer(x, labels) if conditional else layer(x)
         return x
 
     @classmethod
@@ -153,4 +158,5 @@ class Discriminator(nn.Module):
         for layer in body:
             features = layer(features)
         logits = head(features).reshape(images.shape[0]).float()
-        return logits + self.projection(features, label_vectors(self.config, labels))
+        check_labels(self.config, labels)
+        return logits + self.projection(features, labels)

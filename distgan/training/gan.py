@@ -14,7 +14,6 @@ from accelerate.utils import set_seed
 from distgan.config.model import ModelConfig
 from distgan.config.sections import TrainConfig
 from distgan.models.augment import Augment
-from distgan.models.conditioning import label_vectors
 from distgan.models.dcgan import Discriminator, Generator, sample_latents
 from distgan.models.ema import EMA
 from distgan.models.losses import d_loss, g_loss, gradient_penalty, r1_penalty
@@ -123,8 +122,6 @@ def gan_step(
     real = real.contiguous(memory_format=layout)
     config = gan.generator_core.config
     z = sample_latents(config, real.shape[0], device=real.device)
-    if labels is not None:  # one-hot once, for G's pass and D's three
-        labels = label_vectors(config, labels)
     fake = generator(z, labels)
 
     # D step: real and fake losses summed, one backward. fake is detached: no G grads. D sees

@@ -46,7 +46,7 @@ def conditional_generator(folder, conditioning, classes, **config) -> Generator:
         for module in generator.modules():
             if isinstance(module, torch.nn.ConvTranspose2d):
                 module.weight.mul_(4)
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Embedding):  # gains and biases that differ
                 module.weight.normal_(0.0, 1.0)
     save_generator(folder, generator.eval(), step=42, images_seen=420)
     return generator

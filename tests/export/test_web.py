@@ -76,7 +76,7 @@ def visible_conditional(tmp_path, conditioning: str, classes: list[str], **confi
         for module in generator.modules():
             if isinstance(module, torch.nn.ConvTranspose2d):
                 module.weight.mul_(8)
-            if isinstance(module, torch.nn.Linear):  # the class's gains and biases
+            if isinstance(module, torch.nn.Embedding):  # the class's gains and biases
                 module.weight.normal_(0.0, 1.0)
     run = tmp_path / conditioning
     save_generator(run, generator, step=1, images_seen=1)

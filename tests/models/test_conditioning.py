@@ -42,8 +42,21 @@ def test_every_conditional_parameter_learns():
     logits = discriminator(generator(sample_latents(config, 4), labels), labels)
     logits.sum().backward()
     for name, p in [*generator.named_parameters(), *discriminator.named_parameters()]:
-        if "affine" in name or "projection" in name:
+        if ".embed." in name or "projection" in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_class_indices_and_their_one_hot_vectors_agree():
+    # Indices are looked up, vectors multiplied: one function either way.
+    torch.manual_seed(0)
+    config = digits_config()
+    generator, discriminator = Generator(config).eval(), Discriminator(config).eval()
+    labels = torch.tensor([0, 3, 9, 3])
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    z = sample_latents(config, 4)
+    images = generator(z, labels)
+    torch.testing.assert_close(generator(z, one_hot), images)
+    torch.testing.assert_close(discriminator(images, one_hot), discriminator(images, labels))
 
 
 def test_attributes_are_multi_hot():
@@ -78,7 +91,7 @@ def test_labels_are_required_and_refused_as_the_model_says():
 def test_unconditional_models_keep_their_parameters():
     plain = ModelConfig(resolution=28, channels=1)
     names = list(Generator(plain).state_dict()) + list(Discriminator(plain).state_dict())
-    assert not any("affine" in n or "projection" in n or "norm." in n for n in names)
+    assert not any(".embed." in n or "projection" in n or "norm." in n for n in names)
     assert "net.1.weight" in names  # the BatchNorm of old checkpoints, under the old name
     torch.manual_seed(0)
     first = Generator(plain).state_dict()

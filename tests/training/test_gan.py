@@ -72,5 +72,5 @@ def test_a_conditional_step_trains_the_label_parameters_with_every_loss_and_r1(l
     out = gan_step(accelerator, tc, gan, real, 0, labels=torch.tensor([0, 1, 2, 1]))
     assert torch.isfinite(out.loss_d) and torch.isfinite(out.loss_g) and out.skipped == 0
     after = dict(gan.discriminator.named_parameters()) | dict(gan.generator.named_parameters())
-    labelled = [n for n in after if "projection" in n or "affine" in n]
+    labelled = [n for n in after if "projection" in n or "embed" in n]
     assert labelled and all(not torch.equal(before[n], after[n]) for n in labelled)
