@@ -160,8 +160,9 @@ def top_ops(run, steps: int, limit: int = 12) -> list[dict]:
 def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
     """The step of each kind of data's recipe next to the step of the trainer's defaults at the
     same shapes: 28 px grayscale digits (launch/configs/mnist28.toml, also class-conditional on
-    the ten digits) and 64 px RGB faces (the defaults themselves, which are the faces' recipe:
-    timed twice, their spread is the noise)."""
+    the ten digits, with D's classifier head as mnist28-classes.toml has it) and 64 px RGB faces
+    (the defaults themselves, which are the faces' recipe: timed twice, their spread is the
+    noise)."""
     digits = make_config(load_toml(DIGITS_RECIPE))
     recipe = {
         f.name: getattr(digits.train, f.name)
@@ -170,7 +171,7 @@ def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
     }
     gray = dataclasses.replace(digits.model, channels=1)
     ten = [str(d) for d in range(10)]
-    labelled = dataclasses.replace(gray, conditioning="class", classes=ten)
+    labelled = dataclasses.replace(gray, conditioning="class", classes=ten, d_classifier=True)
     shapes = {
         "28 px gray, defaults": (ModelConfig(resolution=28, channels=1), {}),
         "28 px gray, mnist28.toml": (gray, recipe),

@@ -68,6 +68,15 @@ class Config:
     given: frozenset[str] = field(default=frozenset(), compare=False)
     """The fields the user set (a flag, or the --config file); the rest are defaults."""
 
+    def __post_init__(self) -> None:
+        # ModelConfig.d_classifier's rule: the model's conditioning is set from the data's labels
+        # only later, so the flag is checked against --labels here.
+        if self.model.d_classifier and self.data.labels == "none":
+            raise UserError(
+                "d_classifier needs labels to learn: give --labels (folders, or a label file), "
+                "or leave out --d-classifier"
+            )
+
     def values(self) -> dict:
         """Every settable field of every section by name."""
         return {k: v for name in SECTIONS for k, v in _settable_values(getattr(self, name)).items()}

@@ -64,8 +64,9 @@ class ConditionalBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         normed = self.norm(x)
-        delta, bias = embed_labels(labels, self.embed.weight)[:, :, None, None].chunk(2, dim=1)
-        return Modulate.apply(normed, delta.to(normed.dtype), bias.to(normed.dtype))
+        rows = embed_labels(labels, self.embed.weight).to(normed.dtype)
+        delta, bias = rows[:, :, None, None].chunk(2, dim=1)
+        return Modulate.apply(normed, delta, bias)
 
 
 class Modulate(torch.autograd.Function):
@@ -90,7 +91,8 @@ class Modulate(torch.autograd.Function):
 
 class Projection(nn.Module):
     """The projection discriminator's class term (Miyato & Koyama 2018): <embed(y), phi(x)>,
-    with phi(x) D's last features summed over space, added to D's unconditional logit."""
+    with phi(x) D's last features summed over space (`pooled`, float32 [B, F]), added to D's
+    unconditional logit."""
 
     def __init__(self, num_features: int, num_classes: int, spectral: bool):
         super().__init__()
@@ -98,8 +100,7 @@ class Projection(nn.Module):
         nn.init.xavier_uniform_(embed.weight)
         self.embed = spectral_norm(embed) if spectral else embed
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pooled = features.sum(dim=(2, 3)).float()
+    def forward(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vecdot(embed_labels(labels, self.embed.weight), pooled)
 
 

@@ -148,9 +148,17 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         if config.classes:
             self.projection = Projection(widths[-1], config.num_classes, config.d_spectral_norm)
+            if config.d_classifier:
+                self.classifier = nn.Linear(widths[-1], config.num_classes)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, *, classify: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The logits [B]; with `classify` (a D with a classifier head), also its reading of
+        the images' labels: logits [B, K] of their classes (or attributes)."""
         _check_labels(self.config, labels, "D")
+        if classify and not hasattr(self, "classifier"):
+            raise ValueError("D has no classifier head: build it with d_classifier and labels")
         if labels is None:
             return self.net(images).reshape(images.shape[0])
         *body, head = self.net
@@ -159,4 +167,10 @@ class Discriminator(nn.Module):
             features = layer(features)
         logits = head(features).reshape(images.shape[0]).float()
         check_labels(self.config, labels)
-        return logits + self.projection(features, labels)
+        # Summed once for the projection and the classifier: a second sum's gradient, added to
+        # the head's, took the backward off channels-last (+1 ms a D pass at 28 px on 2 cores).
+        pooled = features.sum(dim=(2, 3)).float()
+        logits = logits + self.projection(pooled, labels)
+        if classify:
+            return logits, self.classifier(pooled)
+        return logits

@@ -37,6 +37,14 @@ def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"loss={kind!r} is not allowed: use one of {', '.join(LOSSES)}")
 
 
+def class_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AC-GAN's auxiliary loss on D's reading of the labels (logits [B, K]): cross-entropy against
+    class indices [B], or binary cross-entropy per attribute against multi-hot vectors [B, K]."""
+    if labels.dtype.is_floating_point:
+        return F.binary_cross_entropy_with_logits(class_logits.float(), labels.float())
+    return F.cross_entropy(class_logits.float(), labels)
+
+
 def input_gradient(
     discriminator: nn.Module,
     images: torch.Tensor,

@@ -33,7 +33,9 @@ from distgan.outputs.checkpoint import (
 from distgan.outputs.generator_file import GENERATOR_META
 
 # The model fields that shape only D: free to set when the source has no D (D starts fresh).
-D_ONLY_FIELDS = frozenset({"d_channels", "d_spectral_norm", "d_dropout", "leaky_slope", "init"})
+D_ONLY_FIELDS = frozenset(
+    {"d_channels", "d_spectral_norm", "d_dropout", "d_classifier", "leaky_slope", "init"}
+)
 
 
 @dataclass(kw_only=True)

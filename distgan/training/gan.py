@@ -16,7 +16,7 @@ from distgan.config.sections import TrainConfig
 from distgan.models.augment import Augment
 from distgan.models.dcgan import Discriminator, Generator, sample_latents
 from distgan.models.ema import EMA
-from distgan.models.losses import d_loss, g_loss, gradient_penalty, r1_penalty
+from distgan.models.losses import class_loss, d_loss, g_loss, gradient_penalty, r1_penalty
 
 if TYPE_CHECKING:
     from distgan.outputs.pretrained import StartingWeights
@@ -110,13 +110,25 @@ def build_gan(
     )
 
 
+def judge(
+    discriminator, images: torch.Tensor, labels: torch.Tensor | None, classify: bool
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """D's logits for `images`, and with `classify` (AC-GAN's head) the class loss of D's reading
+    of their labels; 0.0 without."""
+    if not classify:
+        return discriminator(images, labels), 0.0
+    logits, classes = discriminator(images, labels, classify=True)
+    return logits, class_loss(classes, labels)
+
+
 def gan_step(
     accelerator, tc: TrainConfig, gan: GAN, real, step: int, poison=1.0, *, labels=None
 ) -> StepResult:
     """One D step and one G step on a batch of real images, then the EMA update: all queued on
     the device, with no host sync. `labels`: the real images' labels (None when unconditional),
-    which G is asked for too, so G and D see the data's class frequencies. `poison` multiplies
-    the losses (NaN for fault injection)."""
+    which G is asked for too, so G and D see the data's class frequencies; with D's classifier
+    head (d_classifier), each loss includes its class loss. `poison` multiplies the losses (NaN
+    for fault injection)."""
     generator, discriminator = gan.generator, gan.discriminator
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     real = real.contiguous(memory_format=layout)
@@ -128,10 +140,11 @@ def gan_step(
     # every image through the augmentation (none: the images themselves).
     discriminator.requires_grad_(True)
     real_seen, fake_seen = gan.augment(real), gan.augment(fake.detach())
-    real_logits = discriminator(real_seen, labels)
+    classify = labels is not None and config.d_classifier
+    real_logits, real_class_loss = judge(discriminator, real_seen, labels, classify)
     fake_logits = discriminator(fake_seen, labels)
     gan.augment.record(real_logits)
-    loss_d = d_loss(tc.loss, real_logits, fake_logits, tc.real_label) * poison
+    loss_d = (d_loss(tc.loss, real_logits, fake_logits, tc.real_label) + real_class_loss) * poison
     if tc.loss == "wgan-gp":
         # D is kept 1-Lipschitz where it is trained: between the images it sees.
         penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler, labels)
@@ -149,7 +162,8 @@ def gan_step(
 
     # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
     discriminator.requires_grad_(False)
-    loss_g = g_loss(tc.loss, discriminator(gan.augment(fake), labels)) * poison
+    g_logits, fake_class_loss = judge(discriminator, gan.augment(fake), labels, classify)
+    loss_g = (g_loss(tc.loss, g_logits) + fake_class_loss) * poison
     gan.opt_g.zero_grad(set_to_none=True)
     accelerator.backward(loss_g)
     if not scaled:

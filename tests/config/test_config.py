@@ -93,6 +93,7 @@ def test_every_field_has_a_documented_flag():
         (["--sync-bn", "--loss", "wgan-gp"], "sync_bn=True does not work with loss='wgan-gp'"),
         (["--lr-g", "nan"], "lr_g=nan is not allowed: use a finite number > 0"),
         (["--gp-weight", "inf"], "gp_weight=inf is not allowed: use a finite number > 0"),
+        (["--d-classifier"], "d_classifier needs labels to learn: give --labels"),
     ],
 )
 def test_bad_values_fail_with_the_key_and_the_fix(argv, message):

@@ -3,7 +3,7 @@ start-up line's images per class, the model's classes in the checkpoint and the 
 sample grid with one row per class, resume from mid-epoch bitwise equal to an uninterrupted
 conditional run (from the decoded cache and streamed from the files), a
 resume that changes the labels refused, bad label input stopping before any work, and 2 gloo
-processes training a conditional run."""
+processes training a conditional run with D's classifier head."""
 
 import json
 
@@ -105,8 +105,10 @@ def test_two_processes_train_a_conditional_run(tmp_path, labelled):
         str(free_port()),
     ]
     out = tmp_path / "ddp"
-    result = run_train(*conditional_run(out, labelled, "--max-steps", "10"), launcher=launcher)
+    flags = ("--max-steps", "10", "--d-classifier")  # the head is reduced with D's other weights
+    result = run_train(*conditional_run(out, labelled, *flags), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "4 classes" in result.stdout
+    assert "weights identical on all 2 processes" in result.stdout
     generator, _ = load_generator(out / "generator.safetensors")
     assert generator.config.num_classes == 4

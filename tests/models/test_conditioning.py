@@ -59,6 +59,22 @@ def test_class_indices_and_their_one_hot_vectors_agree():
     torch.testing.assert_close(discriminator(images, one_hot), discriminator(images, labels))
 
 
+def test_a_d_classifier_head_reads_the_labels_only_when_conditional():
+    torch.manual_seed(0)
+    discriminator = Discriminator(digits_config(d_classifier=True))
+    images = torch.rand(5, 1, 28, 28) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    logits, classes = discriminator(images, labels, classify=True)
+    torch.testing.assert_close(logits, discriminator(images, labels))  # the head adds no term
+    assert classes.shape == (5, 10)
+    with pytest.raises(ValueError, match="D has no classifier head"):
+        Discriminator(digits_config())(images, labels, classify=True)
+    plain = ModelConfig(resolution=28, channels=1, d_classifier=True)
+    assert list(Discriminator(plain).state_dict()) == list(
+        Discriminator(ModelConfig(resolution=28, channels=1)).state_dict()
+    )
+
+
 def test_attributes_are_multi_hot():
     config = ModelConfig(
         resolution=32,

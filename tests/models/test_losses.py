@@ -1,5 +1,6 @@
-"""Losses: each formula on known logits, label smoothing, and the WGAN-GP penalty (its value on
-a D with a known gradient, and the same value through an fp16 loss scaler), and R1 likewise."""
+"""Losses: each formula on known logits, label smoothing, the WGAN-GP penalty (its value on a D
+with a known gradient, and the same value through an fp16 loss scaler), R1 likewise, and the
+AC-GAN class loss for class indices and attribute vectors."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from distgan.models.losses import d_loss, g_loss, gradient_penalty, r1_penalty
+from distgan.models.losses import class_loss, d_loss, g_loss, gradient_penalty, r1_penalty
 
 
 def softplus(x: float) -> float:
@@ -90,3 +91,14 @@ def test_r1_penalty_known_value_gradient_flow_and_scaler():
     assert torch.allclose(critic.w.grad, 2 * w)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     assert r1_penalty(critic, torch.randn(5, 3, 4, 4), scaler).item() == pytest.approx(12.0)
+
+
+def test_class_loss_reads_indices_as_classes_and_vectors_as_attributes():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.bfloat16)
+    picked = class_loss(logits, torch.tensor([0, 2]))
+    log_softmax = torch.log_softmax(logits.float(), dim=1)
+    expected = -(log_softmax[0, 0] + log_softmax[1, 2]) / 2
+    assert picked.dtype == torch.float32 and torch.isclose(picked, expected)
+    attributes = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    each = [softplus(-2.0), softplus(0.0), softplus(1.0), softplus(0.0), softplus(1.0), softplus(0)]
+    assert math.isclose(class_loss(logits, attributes).item(), sum(each) / 6, rel_tol=1e-6)

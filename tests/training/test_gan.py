@@ -54,7 +54,8 @@ def test_settings_r1_cannot_run_with_are_refused(settings, message):
 
 
 @pytest.mark.parametrize("loss", ["bce", "hinge", "wgan-gp"])
-def test_a_conditional_step_trains_the_label_parameters_with_every_loss_and_r1(loss):
+@pytest.mark.parametrize("d_classifier", [False, True])
+def test_a_conditional_step_trains_the_label_parameters_with_every_loss_and_r1(loss, d_classifier):
     from distgan.training.gan import gan_step
 
     config = ModelConfig(
@@ -64,6 +65,7 @@ def test_a_conditional_step_trains_the_label_parameters_with_every_loss_and_r1(l
         z_dim=16,
         conditioning="class",
         classes=["a", "b", "c"],
+        d_classifier=d_classifier,
     )
     real = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     accelerator, tc, gan, real = tiny_gan(config, real, augment="none", loss=loss, r1_gamma=1.0)
@@ -72,5 +74,6 @@ def test_a_conditional_step_trains_the_label_parameters_with_every_loss_and_r1(l
     out = gan_step(accelerator, tc, gan, real, 0, labels=torch.tensor([0, 1, 2, 1]))
     assert torch.isfinite(out.loss_d) and torch.isfinite(out.loss_g) and out.skipped == 0
     after = dict(gan.discriminator.named_parameters()) | dict(gan.generator.named_parameters())
-    labelled = [n for n in after if "projection" in n or "embed" in n]
+    labelled = [n for n in after if "projection" in n or "embed" in n or "classifier" in n]
     assert labelled and all(not torch.equal(before[n], after[n]) for n in labelled)
+    assert any("classifier" in n for n in labelled) == d_classifier
