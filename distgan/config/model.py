@@ -83,11 +83,12 @@ class ModelConfig:
     d_dropout: float = setting(0.0, on_resume="fixed")
     """Dropout probability after each hidden block of D (0 disables it)."""
 
+    # Checked against --labels in Config.__post_init__: the conditioning is set from the data later.
     d_classifier: bool = setting(False, on_resume="fixed")
     """Give a conditional D a classifier head on the features its projection reads (AC-GAN,
     Odena et al. 2017): D learns to read the real images' labels, and G is trained to make its
-    images' labels readable, by a cross-entropy (binary per attribute) added to each one's loss.
-    Needs --labels (checked with the data section, in Config); an unconditional D has no head."""
+    images' labels readable, by a cross-entropy (binary per attribute) added to each one's
+    logged loss. Needs --labels; an unconditional D has no head."""
 
     conditioning: Conditioning = setting("none", on_resume="fixed", resolved=True)
     """What G and D are conditioned on: none; class (one class per image, given as its index);

@@ -42,11 +42,12 @@ def label_vectors(config: ModelConfig, labels: torch.Tensor) -> torch.Tensor:
 
 
 def embed_labels(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Float32 rows of `table` [K, D] for labels: a row per class index (a lookup, no one-hot
-    product), or the sum of the rows a label vector weights (attributes)."""
+    """Rows of `table` [K, D] for labels: a row per class index (a lookup, no one-hot product,
+    in the table's dtype), or the sum of the rows a label vector weights (attributes; a product,
+    in autocast's dtype under autocast)."""
     if labels.dtype.is_floating_point:
         return labels.float() @ table.float()
-    return nn.functional.embedding(labels, table)
+    return nn.functional.embedding(labels.long(), table)
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -71,10 +72,9 @@ class ConditionalBatchNorm2d(nn.Module):
 
 class Modulate(torch.autograd.Function):
     """n * (1 + delta) + bias, written n + (n * delta + bias): under bf16, 1 + delta itself would
-    round away most of a class's deviation (a few hundredths), which cost digits their per-class
-    accuracy; delta and the sum keep it. The backward by hand: the gradient of n as one
-    addcmul, where autograd's two nodes take a product and then a sum (the conditional step's
-    extra cost is here)."""
+    round a class's deviation (a few hundredths) to steps of 0.4-0.8%; delta and the sum keep
+    it. The backward by hand: the gradient of n as one addcmul, where autograd's two nodes take
+    a product and then a sum (the conditional step's extra cost is here)."""
 
     @staticmethod
     def forward(ctx, normed: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -91,8 +91,9 @@ class Modulate(torch.autograd.Function):
 
 class Projection(nn.Module):
     """The projection discriminator's class term (Miyato & Koyama 2018): <embed(y), phi(x)>,
-    with phi(x) D's last features summed over space (`pooled`, float32 [B, F]), added to D's
-    unconditional logit."""
+    with phi(x) D's last features summed over space (`pooled` [B, F]), added to D's
+    unconditional logit. Under autocast the product runs in autocast's dtype, as D's other
+    logit term (its last convolution) does."""
 
     def __init__(self, num_features: int, num_classes: int, spectral: bool):
         super().__init__()

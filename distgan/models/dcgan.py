@@ -161,12 +161,12 @@ class Discriminator(nn.Module):
             raise ValueError("D has no classifier head: build it with d_classifier and labels")
         if labels is None:
             return self.net(images).reshape(images.shape[0])
+        check_labels(self.config, labels)
         *body, head = self.net
         features = images
         for layer in body:
             features = layer(features)
         logits = head(features).reshape(images.shape[0]).float()
-        check_labels(self.config, labels)
         # Summed once for the projection and the classifier: a second sum's gradient, added to
         # the head's, took the backward off channels-last (+1 ms a D pass at 28 px on 2 cores).
         pooled = features.sum(dim=(2, 3)).float()

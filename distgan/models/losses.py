@@ -39,7 +39,8 @@ def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
 
 def class_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """AC-GAN's auxiliary loss on D's reading of the labels (logits [B, K]): cross-entropy against
-    class indices [B], or binary cross-entropy per attribute against multi-hot vectors [B, K]."""
+    class indices [B], or binary cross-entropy per attribute against multi-hot vectors [B, K]
+    (so classes come as indices, as the loader gives them, not as one-hot vectors)."""
     if labels.dtype.is_floating_point:
         return F.binary_cross_entropy_with_logits(class_logits.float(), labels.float())
     return F.cross_entropy(class_logits.float(), labels)

@@ -112,13 +112,18 @@ def build_gan(
 
 def judge(
     discriminator, images: torch.Tensor, labels: torch.Tensor | None, classify: bool
-) -> tuple[torch.Tensor, torch.Tensor | float]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """D's logits for `images`, and with `classify` (AC-GAN's head) the class loss of D's reading
-    of their labels; 0.0 without."""
+    of their labels; None without."""
     if not classify:
-        return discriminator(images, labels), 0.0
+        return discriminator(images, labels), None
     logits, classes = discriminator(images, labels, classify=True)
     return logits, class_loss(classes, labels)
+
+
+def plus(loss: torch.Tensor, class_term: torch.Tensor | None) -> torch.Tensor:
+    """`loss` with the class loss added, when there is one (no op on other steps)."""
+    return loss if class_term is None else loss + class_term
 
 
 def gan_step(
@@ -144,7 +149,8 @@ def gan_step(
     real_logits, real_class_loss = judge(discriminator, real_seen, labels, classify)
     fake_logits = discriminator(fake_seen, labels)
     gan.augment.record(real_logits)
-    loss_d = (d_loss(tc.loss, real_logits, fake_logits, tc.real_label) + real_class_loss) * poison
+    loss_d = d_loss(tc.loss, real_logits, fake_logits, tc.real_label)
+    loss_d = plus(loss_d, real_class_loss) * poison
     if tc.loss == "wgan-gp":
         # D is kept 1-Lipschitz where it is trained: between the images it sees.
         penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler, labels)
@@ -163,7 +169,7 @@ def gan_step(
     # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
     discriminator.requires_grad_(False)
     g_logits, fake_class_loss = judge(discriminator, gan.augment(fake), labels, classify)
-    loss_g = (g_loss(tc.loss, g_logits) + fake_class_loss) * poison
+    loss_g = plus(g_loss(tc.loss, g_logits), fake_class_loss) * poison
     gan.opt_g.zero_grad(set_to_none=True)
     accelerator.backward(loss_g)
     if not scaled:

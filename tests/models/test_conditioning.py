@@ -1,5 +1,6 @@
 """Class conditioning in the models: a conditional G (conditional BatchNorm, and the one-hot label
-beside z) and a projection D, for class indices and multi-hot attributes; the label checks; the
+beside z) and a projection D, for class indices and multi-hot attributes, indices and their
+one-hot vectors giving the same function; D's optional classifier head; the label checks; the
 unconditional models unchanged (the same parameters, and labels refused); the rows of a sample
 grid; labels drawn to the data's class frequencies; and the ModelConfig rules of the new fields."""
 

@@ -1,7 +1,8 @@
 """The GAN step: the R1 option: the penalty changes D's update on exactly the steps its interval
 names (lazy regularisation) and leaves G's and the logged loss alone; off (0), the step is the
 plain one bit for bit; and the settings R1 cannot run with are refused in one line. A conditional
-step trains G's and D's label parameters with every loss, R1 included."""
+step trains G's and D's label parameters with every loss, R1 included, and D's classifier head
+when it has one."""
 
 import pytest
 import torch
