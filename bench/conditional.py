@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import datetime
 import functools
 import json
@@ -35,12 +36,18 @@ import torch
 from bench.digit_metrics import DigitReference, load_digit_folder
 from bench.digit_scorer import features_and_probabilities, load_scorer
 from bench.digits import RECIPE_FILE, SAMPLE_SEED, recipe_config
-from bench.quality import RESULTS_DIR, device_name, machine, result_stem, unused_stem
+from bench.quality import (
+    RESULTS_DIR,
+    device_name,
+    generate,
+    machine,
+    result_stem,
+    unused_stem,
+)
 from distgan.config.config import load_toml, make_config
 from distgan.data.folder import find_images
 from distgan.data.order import steps_per_epoch
 from distgan.errors import UserError, exit_on_user_error
-from distgan.metrics.features import to_uint8
 from distgan.models.conditioning import draw_labels
 from distgan.models.dcgan import sample_latents
 from distgan.outputs.checkpoint import load_generator
@@ -49,6 +56,7 @@ from distgan.outputs.report import save_grid
 GOAL_ACCURACY, GOAL_CLASS_ACCURACY = 0.95, 0.90
 CLASSES_OVERLAY = RECIPE_FILE.with_name("mnist28-classes.toml")
 GRID_COLUMNS = 8
+BATCH = 500  # images a generator call
 DIGITS = [str(d) for d in range(10)]
 
 
@@ -61,16 +69,6 @@ def digit_labels(folder: Path) -> torch.Tensor:
             f"{folder} is not one subfolder per digit: write it with mnist_folder.py --by-class"
         )
     return torch.tensor([int(name) for name in names])
-
-
-@torch.no_grad()
-def generate(generator, z: torch.Tensor, labels: torch.Tensor | None, batch: int = 500):
-    """uint8 images of `generator` for `z` (and, when conditional, `labels`)."""
-    parts = []
-    for i in range(0, len(z), batch):
-        asked = None if labels is None else labels[i : i + batch]
-        parts.append(to_uint8(generator(z[i : i + batch], asked)))
-    return torch.cat(parts)
 
 
 def class_accuracy(net, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
@@ -95,12 +93,9 @@ class Scoring:
         half = len(digits) // 2
         reference = DigitReference.of(load_scorer(), digits[half:], coverage_count=samples)
         seeded = torch.Generator().manual_seed(SAMPLE_SEED)
-        config = make_config(load_toml(RECIPE_FILE)).model
-        config = type(config)(**{**config.to_dict(), "channels": 1})
+        config = dataclasses.replace(make_config(load_toml(RECIPE_FILE)).model, channels=1)
         z = sample_latents(config, samples, generator=seeded)
-        conditional = type(config)(
-            **{**config.to_dict(), "conditioning": "class", "classes": DIGITS}
-        )
+        conditional = dataclasses.replace(config, conditioning="class", classes=DIGITS)
         asked = draw_labels(conditional, samples, generator=seeded, table=labels)
         per_class_z = sample_latents(config, 10 * per_class, generator=seeded)
         return cls(
@@ -113,16 +108,16 @@ class Scoring:
         if conditional and generator.config.classes != DIGITS:
             raise UserError(f"the conditional run's classes are {generator.config.classes}")
         scores = self.reference.score(
-            generate(generator, self.z, self.asked if conditional else None)
+            generate(generator, self.z, BATCH, self.asked if conditional else None)
         )
         # Conditional: a row per digit, each column one z; unconditional: 80 z.
         rows = torch.arange(10).repeat_interleave(GRID_COLUMNS) if conditional else None
         grid_z = self.z[:GRID_COLUMNS].repeat(10, 1) if conditional else self.z[: 10 * GRID_COLUMNS]
-        images = generate(generator, grid_z, rows).float() / 127.5 - 1
+        images = generate(generator, grid_z, BATCH, rows).float() / 127.5 - 1
         save_grid(images, grid, GRID_COLUMNS)
         if conditional:
             wanted = torch.arange(10).repeat_interleave(self.per_class)
-            made = generate(generator, self.per_class_z, wanted)
+            made = generate(generator, self.per_class_z, BATCH, wanted)
             scores["class_accuracy"] = class_accuracy(self.reference.net, made, wanted)
         return scores
 

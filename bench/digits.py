@@ -33,7 +33,7 @@ from bench.digit_metrics import DigitReference, blurred, load_digit_folder
 from bench.digit_scorer import RECORD_FILE, RESOLUTION, load_scorer
 from bench.quality import ema_generators, generate
 from bench.reference_dcgan import ReferenceDCGAN, make_generator
-from distgan.config.config import load_toml, make_config
+from distgan.config.config import load_toml_layers, make_config
 from distgan.config.model import ModelConfig
 from distgan.data.folder import find_images
 from distgan.data.order import steps_per_epoch
@@ -110,10 +110,7 @@ def recipe_config(
 ):
     """The trainer's config for one run: the digits recipe file (and `overlays`, config files
     over it, in turn), the budget and outputs."""
-    sections = load_toml(RECIPE_FILE)
-    for overlay in overlays:
-        for section, values in load_toml(overlay).items():
-            sections.setdefault(section, {}).update(values)
+    sections = load_toml_layers([RECIPE_FILE, *overlays])
     small = {"g_channels": 16, "d_channels": 16} if tiny else {}
     return make_config(
         sections,

@@ -174,11 +174,21 @@ def ema_generators(run_dir: Path, steps: tuple[int, ...]) -> dict[int, Generator
 
 
 @torch.no_grad()
-def generate(generator: Generator, z: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """uint8 images of `generator` (eval mode) for latents `z`, rounded as a PNG of them."""
-    return torch.cat(
-        [to_uint8(generator(z[i : i + batch_size])) for i in range(0, len(z), batch_size)]
-    )
+def generate(
+    generator: Generator,
+    z: torch.Tensor,
+    batch_size: int = 250,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 images of `generator` (eval mode) for latents `z` (and, when conditional,
+    `labels`), rounded as a PNG of them."""
+    parts = []
+    for i in range(0, len(z), batch_size):
+        batch = z[i : i + batch_size]
+        # Unconditional: z alone (the reference loop's generators take nothing else).
+        made = generator(batch) if labels is None else generator(batch, labels[i : i + batch_size])
+        parts.append(to_uint8(made))
+    return torch.cat(parts)
 
 
 def score_generator(

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from distgan.errors import UserError
+from distgan.models.conditioning import draw_labels
 from distgan.outputs.checkpoint import load_generator
 from distgan.runtime.ort_providers import cuda_device_count
 from export.generate import Runner
-from export.labels import random_labels
 from export.runtime import create_session, model_info, session_device
 
 MIN_SECONDS = 0.3  # each timed repeat runs at least this long, so batch 1 is not timer noise
@@ -71,7 +71,8 @@ def measure(model_path, generator_path, batch_sizes, repeats: int, device: str) 
     for batch in batch_sizes:
         rng = np.random.default_rng(0)
         z = rng.standard_normal((batch, info.z_dim), dtype=np.float32)
-        labels = random_labels(info.conditioning, len(info.classes), batch, rng)
+        drawn = draw_labels(generator.config, batch, generator=torch.Generator().manual_seed(0))
+        labels = None if drawn is None else drawn.numpy()
         run_torch = torch_side(generator, z, torch_device, labels)
         run_ort = ort_side(runner, z, labels)
         run_torch(), run_ort()  # warm-up: allocations, algorithm choice

@@ -124,14 +124,3 @@ def check_labels(conditioning: str, num_classes: int, batch: int) -> np.ndarray 
         return np.arange(batch, dtype=np.int64) % num_classes
     rng = np.random.default_rng(batch)
     return (rng.random((batch, num_classes)) < 0.5).astype(np.float32)
-
-
-def random_labels(
-    conditioning: str, num_classes: int, count: int, rng: np.random.Generator
-) -> np.ndarray | None:
-    """`count` labels drawn uniformly: classes, or each attribute on with probability 1/2."""
-    if conditioning == "none":
-        return None
-    if conditioning == "class":
-        return rng.integers(0, num_classes, count, dtype=np.int64)
-    return (rng.random((count, num_classes)) < 0.5).astype(np.float32)

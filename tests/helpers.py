@@ -123,6 +123,21 @@ def run_module(*args, timeout: float | None = None) -> subprocess.CompletedProce
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
+def run_generate(*args) -> subprocess.CompletedProcess:
+    """`python -m export generate ARGS`, as a user runs it."""
+    return run_module("export", "generate", *args, timeout=300)
+
+
+def assert_one_line_errors(run, cases) -> None:
+    """Each (args, message) of `cases` makes `run(*args)` exit 2 with one stderr line, "error: ..."
+    holding the message."""
+    for args, message in cases:
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
 def image_array(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 

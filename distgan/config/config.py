@@ -136,6 +136,15 @@ def load_toml(path: str | Path) -> dict[str, dict]:
     return raw
 
 
+def load_toml_layers(paths) -> dict[str, dict]:
+    """The sections of several config files, each file's values over the ones before it."""
+    sections: dict[str, dict] = {}
+    for path in paths:
+        for section, values in load_toml(path).items():
+            sections.setdefault(section, {}).update(values)
+    return sections
+
+
 def _check_types(section: str, values: dict, cls: type) -> None:
     """TOML values must have the field's type: a clear error beats a crash deep in training."""
     hints = typing.get_type_hints(cls)

@@ -10,7 +10,13 @@ import dataclasses
 import inspect
 import typing
 
-from distgan.config.config import SECTIONS, Config, load_toml, make_config, settable_fields
+from distgan.config.config import (
+    SECTIONS,
+    Config,
+    load_toml_layers,
+    make_config,
+    settable_fields,
+)
 from distgan.config.rules import base_type, choices
 
 
@@ -80,8 +86,5 @@ def parse_args(argv: list[str] | None = None) -> Config:
     """The Config for a command line: defaults, then each --config FILE in turn, then the flags
     given."""
     args = vars(build_parser().parse_args(argv))
-    sections: dict[str, dict] = {}
-    for config_file in args.pop("config", None) or []:
-        for section, values in load_toml(config_file).items():
-            sections.setdefault(section, {}).update(values)
+    sections = load_toml_layers(args.pop("config", None) or [])
     return make_config(sections, **args)

@@ -142,9 +142,7 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
 
 
 def conditioned(model: ModelConfig) -> str:
-    if not model.classes:
-        return ""
-    return "class-conditional " if model.conditioning == "class" else "attribute-conditional "
+    return f"{CONDITIONAL_TAGS[model.conditioning]} " if model.classes else ""
 
 
 def class_flag(model: ModelConfig) -> str:

@@ -154,9 +154,8 @@ class Trainer:
         evaluation = Evaluation(
             self.cfg.eval.eval_every, accelerator, self.log, gan, self.cfg, self.out_dir
         )
-        evaluation.prepare(
-            self.files, self.loader.device_id, self.loader.labels
-        )  # first: the clock starts below
+        # First: the clock starts below.
+        evaluation.prepare(self.files, self.loader.device_id, self.loader.labels)
         self.speed = Throughput(self.global_batch, self.state, tc.compile, accelerator.print)
         per_epoch = self.loader.steps_per_epoch
         self.metrics_log = MetricsLog(

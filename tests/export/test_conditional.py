@@ -25,7 +25,7 @@ from export.labels import grid_rows, select_labels
 from export.latents import latents
 from export.onnx_export import InferenceGenerator, export_onnx
 from export.runtime import create_session, model_info
-from tests.helpers import linear_onnx_generator, run_module
+from tests.helpers import assert_one_line_errors, linear_onnx_generator, run_generate
 
 DIGITS = [str(d) for d in range(10)]
 ATTRIBUTES = ["Smiling", "Male", "Eyeglasses"]
@@ -134,10 +134,6 @@ def test_the_exports_check_covers_the_label(models, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="differs from PyTorch"):
         export_onnx(source, tmp_path / "bad.onnx", log=lambda _: None)
     assert not list(tmp_path.glob("*.onnx"))
-
-
-def run_generate(*args):
-    return run_module("export", "generate", *args, timeout=300)
 
 
 def pixels(path) -> np.ndarray:
@@ -274,11 +270,7 @@ def test_missing_unknown_and_unwanted_class_are_one_line_errors(models, tmp_path
             "--interpolate walks within one class",
         ),
     ]
-    for args, message in cases:
-        result = run_generate(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert_one_line_errors(run_generate, cases)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
 
 

@@ -36,7 +36,13 @@ from export.generate import Runner, generate, to_pixels
 from export.latents import latents
 from export.onnx_export import InferenceGenerator, cuda_session, export_onnx
 from export.runtime import FLOAT_OUTPUT, UINT8_OUTPUT, create_session, model_info, session_device
-from tests.helpers import REPO, linear_onnx_generator, run_module
+from tests.helpers import (
+    REPO,
+    assert_one_line_errors,
+    linear_onnx_generator,
+    run_generate,
+    run_module,
+)
 
 
 def trained_like_generator(tmp_path, **config):
@@ -155,10 +161,6 @@ def test_uses_the_dynamo_exporter(monkeypatch, tmp_path):
     export_onnx(run / "generator.safetensors", tmp_path / "g.onnx", log=lambda _: None)
     assert seen["dynamo"] is True and "z" in seen["dynamic_shapes"]
     assert seen["opset_version"] >= 18
-
-
-def run_generate(*args):
-    return run_module("export", "generate", *args, timeout=300)
 
 
 def test_generate_cli_is_reproducible_and_writes_extras(exported, tmp_path):
@@ -423,11 +425,7 @@ def test_bad_inputs_give_one_line_errors(exported, tmp_path):
         ([*fp32, "--seeds", "1", "--interpolate", 4, *out], "give two or more"),
         ([*fp32, "--num", 2, "--seed", 2**32 - 1, *out], "seeds are 0 .. 4294967295"),
     ]
-    for args, message in cases:
-        result = run_generate(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert_one_line_errors(run_generate, cases)
 
 
 def test_model_without_metadata_needs_z_dim(exported, tmp_path):
