@@ -39,8 +39,9 @@ CHECK_BATCHES = (1, 7, 64)
 
 def fold_batchnorm(generator: Generator) -> nn.Sequential:
     """G's layers with each BatchNorm folded into the transposed conv before it (eval statistics):
-    fewer ops at inference, and the same function. A conditional BatchNorm's normalisation folds
-    the same way (it has no affine of its own); the layer stays, as the label's gain and bias."""
+    fewer ops at inference, and the same function. A conditional BatchNorm's normalisation (with
+    its affine, when the label adds a bias alone) folds the same way; the layer stays, as the
+    label's gain and bias, or bias."""
     layers = list(copy.deepcopy(generator).eval().net)
     folded: list[nn.Module] = []
     for layer in layers:
@@ -64,7 +65,9 @@ class InferenceGenerator(nn.Module):
         super().__init__()
         self.z_dim = generator.config.z_dim
         self.net = fold_batchnorm(generator)
-        if generator.config.classes:  # G's own forward, which feeds the label, on the folded net
+        self.generator = None
+        if generator.config.label_count:  # G's own forward, which feeds the label (a self-
+            # conditioned G's from z), on the folded net
             self.generator = copy.deepcopy(generator).eval()
             self.generator.net = self.net
         self.uint8, self.half = uint8, half
@@ -73,11 +76,13 @@ class InferenceGenerator(nn.Module):
                 layer.half()
 
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        if label is None:
+        if self.generator is None:
             x = z.reshape(z.shape[0], self.z_dim, 1, 1)
             image = self.net(x.half() if self.half else x).float()
         else:
-            image = self.generator(z.half() if self.half else z, label).float()
+            if self.generator.config.cluster_shares:  # from z before fp16 rounds it
+                label = self.generator.clusters(z)
+            image = self.generator.synthesize(z.half() if self.half else z, label).float()
         if self.uint8:
             pixels = torch.clamp((image + 1.0) * 127.5 + 0.5, 0.0, 255.0)
             return pixels.to(torch.uint8).permute(0, 2, 3, 1)

@@ -100,6 +100,36 @@ def assert_same_weights(straight: Path, resumed: Path, last_step: int) -> dict:
     return found["generator"]
 
 
+# Outputs often enough for a 20-step run to log, sample and checkpoint (every 10 steps).
+FREQUENT_OUTPUTS = [
+    "--log-every",
+    "5",
+    "--sample-every",
+    "10",
+    "--ckpt-every",
+    "10",
+    "--num-samples",
+    "8",
+]
+
+
+def two_gloo_processes() -> list[str]:
+    """`accelerate launch` for 2 CPU processes (gloo DDP) on this machine, in fp32."""
+    return [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago, for a run's rendezvous."""
     with socket.socket() as s:

@@ -70,11 +70,11 @@ class Config:
 
     def __post_init__(self) -> None:
         # ModelConfig.d_classifier's rule: the model's conditioning is set from the data's labels
-        # only later, so the flag is checked against --labels here.
-        if self.model.d_classifier and self.data.labels == "none":
+        # (or clusters) only later, so the flag is checked against --labels here.
+        if self.model.d_classifier and self.data.labels == "none" and not self.data.clusters:
             raise UserError(
-                "d_classifier needs labels to learn: give --labels (folders, or a label file), "
-                "or leave out --d-classifier"
+                "d_classifier needs labels to learn: give --labels (folders, or a label file) or "
+                "--clusters K, or leave out --d-classifier"
             )
 
     def values(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import statistics
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -83,6 +84,12 @@ class ModelConfig:
     d_dropout: float = setting(0.0, on_resume="fixed")
     """Dropout probability after each hidden block of D (0 disables it)."""
 
+    g_label_gain: bool = setting(True, on_resume="fixed")
+    """How a conditional (or self-conditioned) G's BatchNorm takes the label: a gain and a bias
+    per label (conditional BatchNorm), or, off, BatchNorm's own affine and then a bias per label:
+    one add a layer where the gain costs a product and its gradients (the digits recipe's: as
+    good on its clusters, and a cheaper step). Unconditional models have no label to take."""
+
     # Checked against --labels in Config.__post_init__: the conditioning is set from the data later.
     d_classifier: bool = setting(False, on_resume="fixed")
     """Give a conditional D a classifier head on the features its projection reads (AC-GAN,
@@ -99,7 +106,22 @@ class ModelConfig:
     """The class (or attribute) names, in label order; empty when unconditional. Stored with the
     weights, so exports, the Hub card and `from_pretrained` name them."""
 
+    cluster_shares: list[float] = setting(factory=list, on_resume="fixed", resolved=True)
+    """Self-conditioning (--clusters): the share of the training images in each k-means cluster
+    of their pixels (data/clusters.py); empty otherwise. G picks each image's cluster from its
+    z, with these odds (`cluster_edges`), and is conditioned on it as on a class; D learns the
+    real images' clusters. Not a flag of its own: training sets it from the data."""
+
     def __post_init__(self) -> None:
+        self.cluster_shares = [float(share) for share in self.cluster_shares]
+        shares = self.cluster_shares
+        if shares and (len(shares) < 2 or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6):
+            raise ValueError(
+                f"cluster_shares={shares} is not allowed: give two or more positive shares "
+                "summing to 1"
+            )
+        if shares and self.classes:
+            raise ValueError("a model is conditioned on labels or on clusters, not both")
         if self.conditioning not in get_args(Conditioning):
             listed = ", ".join(get_args(Conditioning))
             raise ValueError(f"conditioning={self.conditioning!r} is not allowed: use {listed}")
@@ -153,6 +175,20 @@ class ModelConfig:
     def num_classes(self) -> int:
         """How many classes (or attributes) the label has: 0 when unconditional."""
         return len(self.classes)
+
+    @property
+    def label_count(self) -> int:
+        """Rows of G's and D's label tables: the classes (or attributes), or the clusters."""
+        return self.num_classes or len(self.cluster_shares)
+
+    def cluster_edges(self) -> list[float]:
+        """The values of z's first coordinate at which G's cluster moves to the next: the
+        quantiles of z's distribution at the clusters' cumulative shares, so that G picks each
+        cluster as often as the data holds it."""
+        cumulative = list(itertools.accumulate(self.cluster_shares))[:-1]
+        if self.z_distribution == "uniform":
+            return [2 * c - 1 for c in cumulative]
+        return [statistics.NormalDist().inv_cdf(c) for c in cumulative]
 
     @property
     def base(self) -> int:

@@ -63,6 +63,12 @@ class DataConfig:
     """With CelebA's attribute list as --labels: the attributes to condition on (multi-hot, any
     subset per image), e.g. Smiling Male, or Smiling,Male."""
 
+    clusters: int = setting(0, on_resume="fixed")
+    """Self-conditioning, for unlabelled data: group the images into this many clusters by
+    k-means on their pixels before training (written to OUT/clusters.csv), and condition G and
+    D on them as on classes, with G picking its images' clusters from z; the generator still
+    takes z alone. 0 (the default) trains unconditionally. Not with --labels."""
+
     on_unlabelled: Literal["error", "skip"] = setting("error")
     """Images the labels do not cover (outside any class folder, or not named in the label
     file): error (stop before training, naming them) or skip (train on the labelled ones)."""
@@ -84,6 +90,13 @@ class DataConfig:
             raise ValueError(
                 f"labels={self.labels!r} needs data_dir: the built-in faces have no labels; "
                 "give --data-dir with labelled images"
+            )
+        if self.clusters < 0 or self.clusters == 1 or isinstance(self.clusters, bool):
+            raise ValueError(f"clusters={self.clusters!r} is not allowed: use 0 (off) or 2 or more")
+        if self.clusters and self.labels != "none":
+            raise ValueError(
+                f"clusters={self.clusters} with labels={self.labels!r}: condition on the labels "
+                "or on clusters, not both (drop --clusters or --labels)"
             )
         if self.attributes is not None:
             self.attributes = [a for item in self.attributes for a in str(item).split(",") if a]

@@ -38,6 +38,10 @@ class Labels:
     values: list
     """Per file: its class index (class), or a list of 0/1 per attribute (attributes)."""
 
+    clustered: bool = False
+    """The classes are k-means clusters of the images (--clusters, data/clusters.py), not labels:
+    the model is self-conditioned on them (ModelConfig.cluster_shares)."""
+
     def only(self, files: list[str]) -> Labels:
         """These labels for those of `files` they cover (after unusable images are skipped),
         checked again for classes left without images."""
@@ -48,6 +52,7 @@ class Labels:
             classes=self.classes,
             files=[f for f, _ in rows],
             values=[v for _, v in rows],
+            clustered=self.clustered,
         )
         kept.require_images_in_every_class()
         return kept
@@ -67,6 +72,9 @@ class Labels:
 
     def model_fields(self) -> dict:
         """The model's fields that training on these labels sets."""
+        if self.clustered:
+            counts = self.counts()
+            return {"cluster_shares": [count / sum(counts) for count in counts]}
         return {"conditioning": self.conditioning, "classes": list(self.classes)}
 
     def counts(self) -> list[int]:
@@ -82,11 +90,14 @@ class Labels:
             f"{name} {count}" for name, count in zip(self.classes, self.counts(), strict=True)
         )
         kind = "classes" if self.conditioning == "class" else "attributes (images with each)"
+        kind = "clusters" if self.clustered else kind
         return f"{len(self.classes)} {kind}: {per_class}"
 
 
 def require_the_model_classes(model: ModelConfig, labels: Labels | None) -> None:
     """A UserError unless `labels` give the classes a resumed (or --init-from) model has."""
+    if model.cluster_shares or (labels and labels.clustered):
+        return  # clusters come from the run's own clusters.csv (data/clusters.py checks them)
     given = labels.model_fields() if labels else {"conditioning": "none", "classes": []}
     if given == {"conditioning": model.conditioning, "classes": model.classes}:
         return

@@ -1,8 +1,8 @@
 """The data a run trains on, decided before the loop and the same on every process: the folder
 (the built-in faces, rendered once per machine, when none is given), its usable images (files
 DALI cannot decode stop the run, or are skipped and listed in OUT/bad_images.txt, as
---on-bad-image says), their labels (data/labels.py) and the channel count ("auto": 1 when
-every image is grayscale, else 3).
+--on-bad-image says), their labels (data/labels.py) or their clusters (--clusters,
+data/clusters.py) and the channel count ("auto": 1 when every image is grayscale, else 3).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch.distributed
 
 from distgan.config.model import ModelConfig
+from distgan.data.clusters import cluster_labels, require_matching_model
 from distgan.data.faces import builtin_faces_dir, ensure_builtin_faces, render_size
 from distgan.data.folder import (
     ImageFolder,
@@ -24,6 +25,7 @@ from distgan.data.folder import (
 )
 from distgan.data.labels import Labels, read_labels, require_the_model_classes
 from distgan.errors import UserError
+from distgan.runtime.agree import from_main_process
 from distgan.runtime.env import available_cpus, local_processes
 from distgan.runtime.files import write_text_atomically
 from distgan.runtime.paths import default_cache_dir
@@ -61,8 +63,9 @@ def prepare_images(
     Renders the built-in faces once per machine; reads the labels (`dc.labels`) before anything
     slow; scans the files for ones DALI cannot decode (each process a share, in parallel) and
     stops with the list, or skips them, as `dc.on_bad_image` says; prints the images it trains
-    on by format, the other files it skipped, and the images per class. `model`: the model a
-    resumed or fine-tuned run goes on with, whose classes the labels must give.
+    on by format, the other files it skipped, and the images per class; with `dc.clusters`,
+    clusters the usable images (or reads a resumed run's clusters back). `model`: the model a
+    resumed or fine-tuned run goes on with, whose classes (or clusters) the data must give.
 
     `accelerator` is the run's Accelerator (or anything with its process attributes), `dc` its
     DataConfig.
@@ -88,6 +91,7 @@ def prepare_images(
         files, unlabelled = labels.files, len(files) - len(labels.files)
     if model is not None:  # before the scan: a mismatch is known now
         require_the_model_classes(model, labels)
+        require_matching_model(model, dc.clusters)
     rank, world = accelerator.process_index, accelerator.num_processes
     cache_dir = dc.cache_dir or default_cache_dir()
     cache = scan_cache_path(cache_dir, files, dc.crop_box, f"{rank}of{world}")
@@ -97,7 +101,11 @@ def prepare_images(
     if bad:
         files = _without_bad_images(accelerator, dc.on_bad_image, folder, files, bad, out_dir)
     accelerator.print(f"data: {folder.describe(files)}")
-    if labels is not None:
+    if dc.clusters or (model is not None and model.cluster_shares):
+        labels = cluster_labels(accelerator, files, folder.root, dc, out_dir, model)
+        files = labels.files
+        accelerator.print(f"self-conditioned on {labels.describe()}")
+    elif labels is not None:
         labels = labels.only(files)
         skipped = f" ({plural(unlabelled, 'unlabelled image')} skipped)" if unlabelled else ""
         accelerator.print(f"labels from {dc.labels}: {labels.describe()}{skipped}")
@@ -127,19 +135,10 @@ def _without_bad_images(accelerator, on_bad_image: str, folder: ImageFolder, fil
     return usable
 
 
-def _from_main_process(value):
-    """The main process's `value` on every process (`value` itself without a process group)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return value
-    shared = [value]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
 def resolve_channels(accelerator, requested: str, files: list[str]) -> int:
     """The channel count to train on, the same on every process: `requested` ("1" or "3"), or
     for "auto" 1 when every image in `files` is grayscale, else 3 (read by the main process)."""
     if requested != "auto":
         return int(requested)
     found = count_channels(files) if accelerator.is_main_process else None
-    return _from_main_process(found)
+    return from_main_process(found)

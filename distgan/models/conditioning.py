@@ -18,17 +18,18 @@ from distgan.config.model import grid_rows as model_grid_rows
 
 
 def check_labels(config: ModelConfig, labels: torch.Tensor) -> None:
-    """Refuse labels of the wrong kind for `config`: class indices int [B], or float label
-    vectors [B, K] (attributes, or classes made vectors)."""
+    """Refuse labels of the wrong kind for `config`: class (or cluster) indices int [B], or
+    float label vectors [B, K] (attributes, or classes made vectors)."""
     vectors = labels.dim() == 2 and labels.dtype.is_floating_point
-    if config.conditioning == "class" and not vectors:
+    indexed = config.conditioning == "class" or bool(config.cluster_shares)
+    if indexed and not vectors:
         if labels.dim() != 1 or labels.dtype.is_floating_point:
             raise ValueError(
                 f"class labels must be integer indices [B], not {labels.dtype} {list(labels.shape)}"
             )
-    elif not vectors or labels.shape[1] != config.num_classes:
+    elif not vectors or labels.shape[1] != config.label_count:
         raise ValueError(
-            f"label vectors must be float [B, {config.num_classes}], "
+            f"label vectors must be float [B, {config.label_count}], "
             f"not {labels.dtype} {list(labels.shape)}"
         )
 
@@ -38,7 +39,13 @@ def label_vectors(config: ModelConfig, labels: torch.Tensor) -> torch.Tensor:
     check_labels(config, labels)
     if labels.dtype.is_floating_point:
         return labels
-    return nn.functional.one_hot(labels.long(), config.num_classes).float()
+    return nn.functional.one_hot(labels.long(), config.label_count).float()
+
+
+def clusters_of(z: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The cluster a self-conditioned G makes for each z [B, z_dim]: how many of the `edges`
+    (ModelConfig.cluster_edges) its first coordinate exceeds, as indices int64 [B]."""
+    return (z[:, :1].float() > edges).sum(dim=1)
 
 
 def embed_labels(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -53,20 +60,26 @@ def embed_labels(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose gain and bias depend on the label (de Vries et al. 2017; SNGAN, BigGAN):
     normalise without affine, then x * gain + bias, with the gain's deviation from 1 and the bias
-    one row of `embed` per class (for attribute vectors, their sum)."""
+    one row of `embed` per class (for attribute vectors, their sum). Without `gain`
+    (ModelConfig.g_label_gain off): BatchNorm with its own affine, then the label's bias alone,
+    one add where the gain takes a product and its gradients."""
 
-    def __init__(self, num_features: int, num_classes: int):
+    def __init__(self, num_features: int, num_classes: int, gain: bool = True):
         super().__init__()
-        self.norm = nn.BatchNorm2d(num_features, affine=False)
-        self.embed = nn.Embedding(num_classes, 2 * num_features)
+        self.gain = gain
+        self.norm = nn.BatchNorm2d(num_features, affine=not gain)
+        self.embed = nn.Embedding(num_classes, (2 if gain else 1) * num_features)
         # As DCGAN's BatchNorm weights, N(1, 0.02), and its biases, 0.
-        nn.init.normal_(self.embed.weight[:, :num_features], 0.0, 0.02)
-        nn.init.zeros_(self.embed.weight[:, num_features:])
+        nn.init.zeros_(self.embed.weight)
+        if gain:
+            nn.init.normal_(self.embed.weight[:, :num_features], 0.0, 0.02)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         normed = self.norm(x)
-        rows = embed_labels(labels, self.embed.weight).to(normed.dtype)
-        delta, bias = rows[:, :, None, None].chunk(2, dim=1)
+        rows = embed_labels(labels, self.embed.weight).to(normed.dtype)[:, :, None, None]
+        if not self.gain:
+            return normed + rows
+        delta, bias = rows.chunk(2, dim=1)
         return Modulate.apply(normed, delta, bias)
 
 

@@ -11,6 +11,7 @@ from distgan.models.conditioning import (
     ConditionalBatchNorm2d,
     Projection,
     check_labels,
+    clusters_of,
     label_vectors,
 )
 
@@ -50,31 +51,37 @@ def sample_latents(
     return torch.randn(shape, **where)
 
 
-def _check_labels(config: ModelConfig, labels: torch.Tensor | None, who: str) -> None:
-    if config.classes and labels is None:
-        raise ValueError(f"{who} is conditional ({config.conditioning}): pass labels")
-    if not config.classes and labels is not None:
+def _check_labels(conditioned_on: str | None, labels: torch.Tensor | None, who: str) -> None:
+    """Labels given exactly when `who` is conditioned on something (named, else None)."""
+    if conditioned_on and labels is None:
+        raise ValueError(f"{who} is conditional ({conditioned_on}): pass labels")
+    if not conditioned_on and labels is not None:
         raise ValueError(f"{who} is unconditional: pass no labels")
 
 
 class Generator(nn.Module):
     """z [B, z_dim] (and, when conditional, labels: class indices [B] or multi-hot attributes
     [B, K]) -> image [B, C, R, R] in [-1, 1] (C = config.channels). A conditional G has
-    conditional BatchNorm where the unconditional one has BatchNorm."""
+    conditional BatchNorm where the unconditional one has BatchNorm. A self-conditioned G
+    (config.cluster_shares) takes z alone: it reads the cluster from z (`clusters`) and is
+    conditioned on it as on a class."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        # Derived from the config, not trained: kept out of the weights files.
+        edges = torch.tensor(config.cluster_edges(), dtype=torch.float32)
+        self.register_buffer("cluster_edges", edges, persistent=False)
 
         def norm(channels: int) -> nn.Module:
-            if config.classes:
-                return ConditionalBatchNorm2d(channels, config.num_classes)
+            if config.label_count:
+                return ConditionalBatchNorm2d(channels, config.label_count, config.g_label_gain)
             return nn.BatchNorm2d(channels)
 
         widths = _widths(config.g_channels, config.num_stages)
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(
-                config.z_dim + config.num_classes, widths[0], config.base, 1, 0, bias=False
+                config.z_dim + config.label_count, widths[0], config.base, 1, 0, bias=False
             ),
             norm(widths[0]),
             nn.ReLU(inplace=True),
@@ -89,8 +96,18 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.apply(lambda module: init_weights(module, config.init))
 
+    def clusters(self, z: torch.Tensor) -> torch.Tensor:
+        """The cluster indices [B] a self-conditioned G makes for `z`."""
+        return clusters_of(z, self.cluster_edges)
+
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        _check_labels(self.config, labels, "G")
+        # A self-conditioned G reads its clusters from z: it takes no labels.
+        conditioned_on = self.config.conditioning if self.config.classes else None
+        _check_labels(conditioned_on, labels, "G")
+        return self.synthesize(z, self.clusters(z) if self.config.cluster_shares else labels)
+
+    def synthesize(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The images for `z` and the labels (or clusters) G is conditioned on, unchecked."""
         x = z.reshape(z.shape[0], self.config.z_dim, 1, 1)
         if labels is None:
             return self.net(x)
@@ -146,17 +163,21 @@ class Discriminator(nn.Module):
                 layers.append(nn.Dropout(config.d_dropout))
         layers.append(maybe_sn(head))
         self.net = nn.Sequential(*layers)
-        if config.classes:
-            self.projection = Projection(widths[-1], config.num_classes, config.d_spectral_norm)
+        if config.label_count:
+            self.projection = Projection(widths[-1], config.label_count, config.d_spectral_norm)
             if config.d_classifier:
-                self.classifier = nn.Linear(widths[-1], config.num_classes)
+                self.classifier = nn.Linear(widths[-1], config.label_count)
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None = None, *, classify: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The logits [B]; with `classify` (a D with a classifier head), also its reading of
         the images' labels: logits [B, K] of their classes (or attributes)."""
-        _check_labels(self.config, labels, "D")
+        config = self.config
+        conditioned_on = config.conditioning if config.classes else None
+        if config.cluster_shares:
+            conditioned_on = "clusters"
+        _check_labels(conditioned_on, labels, "D")
         if classify and not hasattr(self, "classifier"):
             raise ValueError("D has no classifier head: build it with d_classifier and labels")
         if labels is None:

@@ -101,6 +101,12 @@ def model_card(cfg: Config, state: TrainerState, *, name: str, score, samples: b
     if model.classes:
         what = "Classes" if model.conditioning == "class" else "Attributes"
         lines += [f"{what} (in label order): {', '.join(model.classes)}.", ""]
+    if model.cluster_shares:
+        lines += [
+            f"Self-conditioned on {len(model.cluster_shares)} k-means clusters of its training "
+            "images (no labels): it picks each image's cluster from z, so it takes z alone.",
+            "",
+        ]
     if samples:
         lines += [
             f"![Samples of the EMA generator at step {state.step}]({SAMPLES_FILE})",

@@ -131,15 +131,19 @@ def gan_step(
 ) -> StepResult:
     """One D step and one G step on a batch of real images, then the EMA update: all queued on
     the device, with no host sync. `labels`: the real images' labels (None when unconditional),
-    which G is asked for too, so G and D see the data's class frequencies; with D's classifier
-    head (d_classifier), each loss includes its class loss. `poison` multiplies the losses (NaN
-    for fault injection)."""
+    which G is asked for too, so G and D see the data's class frequencies; or, self-conditioned
+    (--clusters), the real images' clusters, while G picks its images' clusters from z. With
+    D's classifier head (d_classifier), each loss includes its class loss. `poison` multiplies
+    the losses (NaN for fault injection)."""
     generator, discriminator = gan.generator, gan.discriminator
     layout = torch.channels_last if tc.channels_last else torch.contiguous_format
     real = real.contiguous(memory_format=layout)
     config = gan.generator_core.config
     z = sample_latents(config, real.shape[0], device=real.device)
-    fake = generator(z, labels)
+    if config.cluster_shares:
+        fake, fake_labels = generator(z), gan.generator_core.clusters(z)
+    else:
+        fake, fake_labels = generator(z, labels), labels
 
     # D step: real and fake losses summed, one backward. fake is detached: no G grads. D sees
     # every image through the augmentation (none: the images themselves).
@@ -147,12 +151,14 @@ def gan_step(
     real_seen, fake_seen = gan.augment(real), gan.augment(fake.detach())
     classify = labels is not None and config.d_classifier
     real_logits, real_class_loss = judge(discriminator, real_seen, labels, classify)
-    fake_logits = discriminator(fake_seen, labels)
+    fake_logits = discriminator(fake_seen, fake_labels)
     gan.augment.record(real_logits)
     loss_d = d_loss(tc.loss, real_logits, fake_logits, tc.real_label)
     loss_d = plus(loss_d, real_class_loss) * poison
     if tc.loss == "wgan-gp":
-        # D is kept 1-Lipschitz where it is trained: between the images it sees.
+        # D is kept 1-Lipschitz where it is trained: between the images it sees (with the real
+        # images' labels; self-conditioned, the fakes' clusters may differ, and the real ones
+        # are where D's classes are anchored).
         penalty = gradient_penalty(discriminator, real_seen, fake_seen, accelerator.scaler, labels)
         loss_d = loss_d + tc.gp_weight * penalty
     regularised = loss_d  # R1 is trained on, not logged: it comes every r1_every steps only
@@ -168,7 +174,7 @@ def gan_step(
 
     # G step: D is frozen, so it collects no gradients and DDP reduces none of D's.
     discriminator.requires_grad_(False)
-    g_logits, fake_class_loss = judge(discriminator, gan.augment(fake), labels, classify)
+    g_logits, fake_class_loss = judge(discriminator, gan.augment(fake), fake_labels, classify)
     loss_g = plus(g_loss(tc.loss, g_logits), fake_class_loss) * poison
     gan.opt_g.zero_grad(set_to_none=True)
     accelerator.backward(loss_g)

@@ -1,5 +1,6 @@
 """Where a run starts: the checkpoint it resumes from, decided by the main process alone (with the
-run's lock held: distgan/outputs/runlock.py) and followed by every process (`main_decides`).
+run's lock held: distgan/outputs/runlock.py) and followed by every process (`main_decides`,
+runtime/agree.py).
 
 --resume auto resumes from the newest intact checkpoint. One whose trainer_state.json cannot be
 read, or whose files differ from their checksums (outputs/checksums.py), is damaged: it is moved
@@ -10,11 +11,7 @@ which checkpoint the run resumes from instead, and why: a requeued job has nobod
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
-
-from accelerate.utils import broadcast_object_list
 
 from distgan.errors import UserError
 from distgan.outputs.checkpoint import (
@@ -25,35 +22,7 @@ from distgan.outputs.checkpoint import (
 )
 from distgan.outputs.checksums import Damaged, verify_checksums
 
-T = TypeVar("T")
 DAMAGED_PREFIX = "damaged-"
-
-
-def main_decides(processes, decide: Callable[[], T]) -> T:
-    """What `decide()` returns on the main process, on every process (`processes`: Accelerate's
-    PartialState). A UserError it raises is raised on every process, so that all stop together;
-    any other error on the main process (KeyboardInterrupt included) ends the others too, naming
-    it, and is raised there."""
-    outcome: list = [None, None]
-    if processes.is_main_process:
-        try:
-            outcome = [decide(), None]
-        except UserError as err:
-            outcome = [None, ("user", str(err))]
-        except BaseException as err:
-            outcome = [None, ("other", f"{type(err).__name__}: {err}")]
-            if processes.num_processes > 1:
-                broadcast_object_list(outcome)  # else the others wait until the timeout
-            raise
-    if processes.num_processes > 1:
-        broadcast_object_list(outcome)
-    result, error = outcome
-    if error is None:
-        return result
-    kind, message = error
-    if kind == "user":
-        raise UserError(message)
-    raise RuntimeError(f"the main process failed: {message}")
 
 
 def inspect_checkpoint(path: Path) -> bool:

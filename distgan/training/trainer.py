@@ -34,11 +34,12 @@ from distgan.outputs.pretrained import config_from_source, read_starting_weights
 from distgan.outputs.report import save_grid
 from distgan.outputs.runlock import RunLock
 from distgan.outputs.tracking import Tracking
+from distgan.runtime.agree import main_decides
 from distgan.runtime.env import require_one_dali_build, require_usable_cuda
 from distgan.training import setup
 from distgan.training.gan import StepResult, build_gan, gan_step, lr_factor
 from distgan.training.precision import choose_precision, configure_kernels, resumed_precision
-from distgan.training.resume import find_resume_point, main_decides
+from distgan.training.resume import find_resume_point
 from distgan.training.stats import (
     Agreement,
     NonfiniteWatch,

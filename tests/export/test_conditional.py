@@ -5,7 +5,9 @@ the old keys, and matches PyTorch with labels (fp32, fp16, uint8); the export's 
 the label. `generate --class` (by name, else index; attribute sets; `all`: a subfolder and a grid
 row per class, in the order of the training grids) is deterministic per seed and class, the
 class leaves z alone, and the images are PyTorch's; a missing, unknown or unwanted --class is a
-one-line error. `bench` and `evaluate --onnx` feed labels too."""
+one-line error. `bench` and `evaluate --onnx` feed labels too. A self-conditioned generator
+(--clusters) exports with z alone, its cluster read from z inside the graph, in fp32 and fp16,
+with a per-cluster gain and bias or a bias alone (g_label_gain)."""
 
 import numpy as np
 import onnx
@@ -32,8 +34,9 @@ ATTRIBUTES = ["Smiling", "Male", "Eyeglasses"]
 
 
 def conditional_generator(folder, conditioning, classes, **config) -> Generator:
-    """A small conditional G with BatchNorm statistics off 0/1 and images that show their label
-    (larger weights than at init), saved as a run saves it."""
+    """A small conditional (or, with cluster_shares, self-conditioned) G with BatchNorm
+    statistics off 0/1 and images that show their label (larger weights than at init), saved
+    as a run saves it."""
     torch.manual_seed(0)
     model = ModelConfig(
         g_channels=8, z_dim=16, conditioning=conditioning, classes=classes, **config
@@ -315,3 +318,21 @@ def test_bench_and_evaluate_feed_labels(models, jpeg_folder, tmp_path):
     scoring = ["--features", "pixels", "--num", "8", "--batch-size", "4"]
     result = evaluate(build_parser().parse_args(["--onnx", str(paths["fp32"]), *data, *scoring]))
     assert result["torch_fid"] == pytest.approx(result["fid"], rel=1e-3)  # the same z and labels
+
+
+@pytest.mark.parametrize("gain", [True, False])
+def test_a_self_conditioned_generator_exports_with_z_alone(tmp_path, gain):
+    shares = [0.4, 0.35, 0.25]
+    generator = conditional_generator(
+        tmp_path, "none", [], cluster_shares=shares, g_label_gain=gain
+    )
+    z = torch.randn(256, 16, generator=torch.Generator().manual_seed(3))
+    assert len(set(generator.clusters(z).tolist())) == 3
+    with torch.no_grad():
+        reference = generator.eval()(z).numpy()
+    for name, options, limit in [("fp32", {}, 1e-4), ("fp16", {"fp16": True}, 2e-2)]:
+        path = tmp_path / f"clusters-{name}.onnx"
+        export_onnx(tmp_path / "generator.safetensors", path, log=lambda _: None, **options)
+        assert [i.name for i in onnx.load(path).graph.input] == ["z"]
+        ours = create_session(path, "cpu").run(None, {"z": z.numpy()})[0]
+        assert np.abs(ours - reference).max() <= limit, name

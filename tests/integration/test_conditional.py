@@ -13,23 +13,30 @@ from PIL import Image
 
 from distgan.outputs.checkpoint import load_generator
 from distgan.outputs.report import GRID_PADDING
-from tests.helpers import SMALL_GAN, assert_same_weights, free_port, run_train, write_images
+from tests.helpers import (
+    FREQUENT_OUTPUTS,
+    SMALL_GAN,
+    assert_same_weights,
+    run_train,
+    two_gloo_processes,
+    write_images,
+)
 
 pytestmark = pytest.mark.slow
 
-EVERY = ["--log-every", "5", "--sample-every", "10", "--ckpt-every", "10", "--num-samples", "8"]
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    """40 solid-colour PNGs in 4 class folders part0/ .. part3/ (10 each)."""
-    root = tmp_path_factory.mktemp("labelled")
-    write_images(root, 40, fmt="PNG")
-    return root
-
 
 def conditional_run(out, data, *extra):
-    return ["--data-dir", data, "--labels", "folders", "--out-dir", out, *SMALL_GAN, *EVERY, *extra]
+    return [
+        "--data-dir",
+        data,
+        "--labels",
+        "folders",
+        "--out-dir",
+        out,
+        *SMALL_GAN,
+        *FREQUENT_OUTPUTS,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("cache", ["auto", "off"])
@@ -91,22 +98,9 @@ def test_bad_labels_stop_before_any_work(tmp_path, labelled):
 
 
 def test_two_processes_train_a_conditional_run(tmp_path, labelled):
-    launcher = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
     out = tmp_path / "ddp"
     flags = ("--max-steps", "10", "--d-classifier")  # the head is reduced with D's other weights
-    result = run_train(*conditional_run(out, labelled, *flags), launcher=launcher)
+    result = run_train(*conditional_run(out, labelled, *flags), launcher=two_gloo_processes())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "4 classes" in result.stdout
     assert "weights identical on all 2 processes" in result.stdout

@@ -2,7 +2,10 @@
 beside z) and a projection D, for class indices and multi-hot attributes, indices and their
 one-hot vectors giving the same function; D's optional classifier head; the label checks; the
 unconditional models unchanged (the same parameters, and labels refused); the rows of a sample
-grid; labels drawn to the data's class frequencies; and the ModelConfig rules of the new fields."""
+grid; labels drawn to the data's class frequencies; the ModelConfig rules of the new fields; and
+self-conditioning (--clusters): G reads its cluster from z at the clusters' shares and takes no
+labels, D takes the clusters as labels, and a cluster changes G's image as a class does; and G's
+bias-only conditional BatchNorm (g_label_gain off)."""
 
 import pytest
 import torch
@@ -155,3 +158,74 @@ def test_drawn_labels_follow_the_data():
     uniform = draw_labels(config, 5000, generator=torch.Generator().manual_seed(0))
     assert torch.bincount(uniform, minlength=10).min() > 400
     assert draw_labels(ModelConfig(), 3) is None
+
+
+def clustered_config(shares, **kwargs) -> ModelConfig:
+    options = dict(resolution=28, channels=1, g_channels=8, d_channels=8, cluster_shares=shares)
+    return ModelConfig(**{**options, **kwargs})
+
+
+@pytest.mark.parametrize("z_distribution", ["normal", "uniform"])
+def test_a_self_conditioned_g_reads_its_clusters_from_z_at_their_shares(z_distribution):
+    shares = [0.5, 0.3, 0.15, 0.05]
+    config = clustered_config(shares, z_distribution=z_distribution)
+    generator = Generator(config).eval()
+    assert "cluster_edges" not in generator.state_dict()  # derived from the config
+    z = sample_latents(config, 40_000, generator=torch.Generator().manual_seed(0))
+    found = torch.bincount(generator.clusters(z), minlength=4).float() / len(z)
+    assert torch.allclose(found, torch.tensor(shares), atol=0.01)
+    # G's image is its cluster's: the same z made for another cluster differs.
+    with torch.no_grad():
+        made = generator(z[:8])
+        assert torch.equal(made, generator.synthesize(z[:8], generator.clusters(z[:8])))
+        other = (generator.clusters(z[:8]) + 1) % 4
+        assert not torch.allclose(made, generator.synthesize(z[:8], other))
+
+
+def test_a_self_conditioned_d_takes_the_clusters_as_labels():
+    config = clustered_config([0.5, 0.5], d_classifier=True)
+    generator, discriminator = Generator(config), Discriminator(config)
+    z = sample_latents(config, 4)
+    with pytest.raises(ValueError, match="G is unconditional: pass no labels"):
+        generator(z, torch.tensor([0, 1, 0, 1]))
+    images = generator(z)
+    with pytest.raises(ValueError, match=r"D is conditional \(clusters\): pass labels"):
+        discriminator(images)
+    logits, classes = discriminator(images, generator.clusters(z), classify=True)
+    assert logits.shape == (4,) and classes.shape == (4, 2)
+
+
+def test_model_config_rules_for_clusters():
+    for shares, message in [
+        ([1.0], "give two or more positive shares"),
+        ([0.5, 0.6], "summing to 1"),
+        ([1.0, 0.0], "positive shares"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(cluster_shares=shares)
+    with pytest.raises(ValueError, match="on labels or on clusters, not both"):
+        digits_config(cluster_shares=[0.5, 0.5])
+    config = clustered_config([0.25, 0.75])
+    assert ModelConfig.from_dict(config.to_dict()) == config and config.label_count == 2
+
+
+def test_a_bias_only_conditional_batchnorm_keeps_batchnorms_affine():
+    torch.manual_seed(0)
+    config = digits_config(g_label_gain=False)
+    generator = Generator(config).eval()
+    norms = [m for m in generator.modules() if isinstance(m, ConditionalBatchNorm2d)]
+    assert norms and all(
+        m.norm.affine and m.embed.weight.shape[1] == m.norm.num_features for m in norms
+    )
+    assert all(torch.equal(m.embed.weight, torch.zeros_like(m.embed.weight)) for m in norms)
+    with torch.no_grad():
+        for m in norms:
+            m.embed.weight.normal_()
+        z = sample_latents(config, 4)
+        assert not torch.allclose(
+            generator(z, torch.tensor([0] * 4)), generator(z, torch.tensor([3] * 4))
+        )
+    loss = generator.train()(z, torch.tensor([0, 1, 2, 3])).square().mean()
+    loss.backward()
+    assert all(m.embed.weight.grad[:4].abs().sum() > 0 for m in norms)
+    assert all(m.embed.weight.grad[4:].abs().sum() == 0 for m in norms)  # unused rows

@@ -2,7 +2,8 @@
 conditional G with the same classes and the same images for the same z and labels; its card
 names the conditioning and the classes (in the YAML the Hub indexes, and on the page), and its
 usage snippet, run as written, passes labels and draws images of one class. An unconditional
-card says nothing of classes."""
+card says nothing of classes; a self-conditioned one (--clusters) says it takes z alone, and
+its folder loads back with the same images."""
 
 import pytest
 import torch
@@ -81,3 +82,16 @@ def test_an_unconditional_card_names_no_classes():
     assert "conditioning" not in data and "classes" not in data
     assert "-conditional" not in card.text and "--class" not in card.text
     assert "images = generator(sample_latents(generator.config, 16))" in python_snippet(card)
+
+
+def test_a_self_conditioned_card_and_folder(tmp_path):
+    model = ModelConfig(resolution=32, g_channels=8, cluster_shares=[0.5, 0.3, 0.2])
+    generator, folder = hub_folder(tmp_path, model)
+    card = ModelCard.load(folder / "README.md")
+    assert "Self-conditioned on 3 k-means clusters" in card.text and "--class" not in card.text
+    assert "images = generator(sample_latents(generator.config, 16))" in python_snippet(card)
+    loaded = Generator.from_pretrained(folder)
+    assert loaded.config.cluster_shares == [0.5, 0.3, 0.2]
+    z = sample_latents(model, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(z), generator(z))

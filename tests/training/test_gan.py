@@ -2,7 +2,8 @@
 names (lazy regularisation) and leaves G's and the logged loss alone; off (0), the step is the
 plain one bit for bit; and the settings R1 cannot run with are refused in one line. A conditional
 step trains G's and D's label parameters with every loss, R1 included, and D's classifier head
-when it has one."""
+when it has one. A self-conditioned step (--clusters) gives D the real images' clusters with the
+real images, and with G's images the clusters G read from their z."""
 
 import pytest
 import torch
@@ -78,3 +79,30 @@ def test_a_conditional_step_trains_the_label_parameters_with_every_loss_and_r1(l
     labelled = [n for n in after if "projection" in n or "embed" in n or "classifier" in n]
     assert labelled and all(not torch.equal(before[n], after[n]) for n in labelled)
     assert any("classifier" in n for n in labelled) == d_classifier
+
+
+@pytest.mark.parametrize("loss", ["bce", "wgan-gp"])
+def test_a_self_conditioned_step_judges_fakes_by_the_clusters_g_drew(loss):
+    from distgan.training.gan import gan_step
+
+    config = ModelConfig(
+        resolution=32, g_channels=8, d_channels=8, z_dim=16, cluster_shares=[0.5, 0.5]
+    )
+    real = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    accelerator, tc, gan, real = tiny_gan(config, real, augment="none", loss=loss, r1_gamma=1.0)
+    drawn, judged = [], []
+    clusters = gan.generator_core.clusters
+    gan.generator_core.clusters = lambda z: drawn.append(clusters(z)) or drawn[-1]
+    forward = gan.discriminator.forward
+    gan.discriminator.forward = lambda images, labels=None, **kw: (
+        judged.append(labels) or forward(images, labels, **kw)
+    )
+    real_clusters = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1])
+    torch.manual_seed(5)  # a z whose clusters are not all 1
+    out = gan_step(accelerator, tc, gan, real, 0, labels=real_clusters)
+    assert torch.isfinite(out.loss_d) and torch.isfinite(out.loss_g)
+    (fake_clusters,) = {tuple(d.tolist()) for d in drawn}  # one z, read once or more
+    assert 0 in fake_clusters
+    # D's calls: real, fake, (the penalties), then G's images: each with the right clusters.
+    assert torch.equal(judged[0], real_clusters) and judged[1].tolist() == list(fake_clusters)
+    assert judged[-1].tolist() == list(fake_clusters)

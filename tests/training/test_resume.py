@@ -17,8 +17,7 @@ from distgan.outputs.checkpoint import (
     read_trainer_state,
 )
 from distgan.outputs.checksums import CHECKSUMS_FILE, Damaged, verify_checksums, write_checksums
-from distgan.training import resume
-from distgan.training.resume import find_resume_point, main_decides
+from distgan.training.resume import find_resume_point
 from tests.helpers import run_train, small_run
 
 
@@ -120,47 +119,6 @@ def test_no_intact_checkpoint_is_an_error_and_moves_nothing(tmp_path):
     with pytest.raises(UserError, match="no intact checkpoint in .* step-00000010, is damaged"):
         resume_auto(tmp_path)
     assert only.is_dir()  # else the next --resume auto would silently start afresh
-
-
-class OneProcess:
-    is_main_process, num_processes = True, 1
-
-
-def test_main_decides_passes_results_and_user_errors_on():
-    assert main_decides(OneProcess(), lambda: 7) == 7
-
-    def refuse():
-        raise UserError("no")
-
-    with pytest.raises(UserError, match="^no$"):
-        main_decides(OneProcess(), refuse)
-
-
-class MainOfTwo:
-    is_main_process, num_processes = True, 2
-
-
-class OtherOfTwo:
-    is_main_process, num_processes = False, 2
-
-
-def test_main_decides_tells_the_others_of_an_interrupt(monkeypatch):
-    sent = []
-    monkeypatch.setattr(resume, "broadcast_object_list", lambda objects: sent.append(objects))
-
-    def interrupted():
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        main_decides(MainOfTwo(), interrupted)
-    assert sent == [[None, ("other", "KeyboardInterrupt: ")]]  # sent before raising
-
-    def receive(objects):
-        objects[:] = sent[0]
-
-    monkeypatch.setattr(resume, "broadcast_object_list", receive)
-    with pytest.raises(RuntimeError, match="^the main process failed: KeyboardInterrupt: $"):
-        main_decides(OtherOfTwo(), pytest.fail)
 
 
 def test_explicit_resume_reads_the_state_once(tmp_path, monkeypatch):
