@@ -3,7 +3,8 @@ on the course's digits, at the same budget. FOLDER holds one subfolder per digit
 (`python ../shared/data/mnist_folder.py FOLDER --by-class`).
 
 The runs train the digits recipe (launch/configs/mnist28.toml) on every digit for --epochs
-epochs, seed 0: as it is; with the conditional run's batch (so as many steps as it takes); and
+epochs, seed 0: as it is (unconditional: trained without labels, self-conditioned on the
+recipe's clusters); with the conditional run's batch (so as many steps as it takes); and
 conditional, with its overlay launch/configs/mnist28-classes.toml (`--labels folders` and the
 settings chosen for it; --conditional FIELD=VALUE over those).
 Each is scored on its EMA generator, on the same z:

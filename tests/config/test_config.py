@@ -94,6 +94,11 @@ def test_every_field_has_a_documented_flag():
         (["--lr-g", "nan"], "lr_g=nan is not allowed: use a finite number > 0"),
         (["--gp-weight", "inf"], "gp_weight=inf is not allowed: use a finite number > 0"),
         (["--d-classifier"], "d_classifier needs labels to learn: give --labels"),
+        (["--clusters", "1"], "clusters=1 is not allowed: use 0 .off. or 2 or more"),
+        (
+            ["--clusters", "4", "--labels", "folders", "--data-dir", "x"],
+            "condition on the labels or on clusters, not both .drop --clusters or --labels.",
+        ),
     ],
 )
 def test_bad_values_fail_with_the_key_and_the_fix(argv, message):
@@ -150,6 +155,8 @@ def test_example_digits_config_loads():
 
     config = parse_args(["--config", str(REPO / "launch" / "configs" / "mnist28.toml")])
     assert config.model.resolution == 28 and config.data.flip is False
+    # Self-conditioned, with D's head on the clusters: no labels needed.
+    assert config.data.clusters == 20 and config.model.d_classifier
 
 
 def test_config_files_layer_in_order_under_the_flags(tmp_path):
@@ -158,9 +165,10 @@ def test_config_files_layer_in_order_under_the_flags(tmp_path):
     configs = REPO / "launch" / "configs"
     recipe, overlay = str(configs / "mnist28.toml"), str(configs / "mnist28-classes.toml")
     config = parse_args(["--config", recipe, overlay, "--data-dir", "x", "--batch-size", "8"])
-    assert config.model.resolution == 28 and config.model.g_channels == 96  # the recipe's
+    assert config.model.resolution == 28 and config.model.g_channels == 96  # the overlay's
     assert config.train.loss == "hinge" and config.model.d_spectral_norm  # the overlay's
-    assert config.data.labels == "folders" and config.train.r1_gamma == 0.0
+    assert config.data.labels == "folders" and config.data.clusters == 0  # the overlay's
+    assert config.train.r1_gamma == 0.0
     assert config.train.lr_g == 2e-3 and config.train.batch_size == 8  # the flag's
     first, second = tmp_path / "a.toml", tmp_path / "b.toml"
     first.write_text("[train]\nlr_g = 1e-3\nlr_d = 1e-3\n")
