@@ -9,14 +9,18 @@ import sys
 
 from distgan.config.flags import parse_args
 from distgan.errors import RunStopped, exit_on_user_error
+from distgan.runtime.collector import collector_paused
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         with exit_on_user_error():
             cfg = parse_args(argv)
-            from distgan.training.stop import Faults
-            from distgan.training.trainer import train  # here: torch, DALI and Accelerate load
+            with collector_paused():
+                import torch._dynamo  # noqa: F401  (the first optimizer imports it otherwise)
+
+                from distgan.training.stop import Faults
+                from distgan.training.trainer import train  # torch, DALI and Accelerate load
 
             train(cfg, Faults.from_env())
     except RunStopped as err:
