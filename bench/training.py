@@ -16,14 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.reference_dcgan import ReferenceDCGAN
 from bench.timing import synchronize
-from distgan.config.config import load_toml, load_toml_layers, make_config
+from distgan.config.config import load_toml, make_config
 from distgan.config.model import ModelConfig
 from distgan.config.sections import TrainConfig
 from distgan.training.gan import build_gan, gan_step
 
 RESOLUTION = 64
 DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "mnist28.toml"
-CLASSES_OVERLAY = DIGITS_RECIPE.with_name("mnist28-classes.toml")
 # Set by the bench itself, not by a recipe: what the step runs in and on.
 BENCH_FIELDS = ("batch_size", "mixed_precision", "channels_last", "compile")
 
@@ -162,10 +161,11 @@ def top_ops(run, steps: int, limit: int = 12) -> list[dict]:
 def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
     """The step of each kind of data's recipe next to the step of the trainer's defaults at the
     same shapes: 28 px grayscale digits (launch/configs/mnist28.toml: self-conditioned on its
-    clusters, with D's classifier head; and with mnist28-classes.toml's G instead, unconditional
-    and class-conditional on the ten digits with D's head) and 64 px RGB faces
-    (the defaults themselves, which are the faces' recipe: timed twice, their spread is the
-    noise)."""
+    clusters, with D's classifier head; the same G and D without clusters or head; and
+    class-conditional on the ten digits with that G and head, as mnist28-classes.toml trains
+    them, its other settings aside: spectral norm and the loss are not the labels' cost) and 64
+    px RGB faces (the defaults themselves, which are the faces' recipe: timed twice, their
+    spread is the noise)."""
     digits = make_config(load_toml(DIGITS_RECIPE))
     recipe = {
         f.name: getattr(digits.train, f.name)
@@ -176,16 +176,13 @@ def recipe_steps(batch_size: int, device: torch.device, precision: str) -> dict:
     clusters = [1 / digits.data.clusters] * digits.data.clusters
     gray = dataclasses.replace(digits.model, channels=1, cluster_shares=clusters)
     ten = [str(d) for d in range(10)]
-    # The class-conditional overlay's G (its width, a gain per class), with and without labels.
-    overlay = load_toml_layers([DIGITS_RECIPE, CLASSES_OVERLAY])["model"]
-    g_of_overlay = {k: overlay[k] for k in ("g_channels", "g_label_gain")}
-    plain = dataclasses.replace(gray, cluster_shares=[], d_classifier=False, **g_of_overlay)
-    labelled = dataclasses.replace(plain, conditioning="class", classes=ten, d_classifier=True)
+    plain = dataclasses.replace(gray, cluster_shares=[], d_classifier=False)
+    labelled = dataclasses.replace(gray, cluster_shares=[], conditioning="class", classes=ten)
     shapes = {
         "28 px gray, defaults": (ModelConfig(resolution=28, channels=1), {}),
         "28 px gray, mnist28.toml": (gray, recipe),
-        "28 px gray, mnist28.toml with the labels overlay's G": (plain, recipe),
-        "28 px gray, mnist28.toml with the labels overlay's G, 10 classes": (labelled, recipe),
+        "28 px gray, mnist28.toml without clusters or head": (plain, recipe),
+        "28 px gray, mnist28.toml, 10 classes": (labelled, recipe),
         "64 px RGB, defaults": (ModelConfig(resolution=64), {}),
         "64 px RGB, defaults again": (ModelConfig(resolution=64), {}),
         "64 px RGB, defaults, 10 classes": (

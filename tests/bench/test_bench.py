@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench import run, timing, training
+from distgan.config.config import load_toml, load_toml_layers, make_config
 from tests.helpers import REPO, run_module
 
 
@@ -86,6 +87,22 @@ def test_variants_include_the_trainer_defaults_once():
     assert sum(name.endswith("(default)") for name in names) == 1
     assert "fp32" in names and any("compile" in name for name in names)
     assert len(set(spec[1:] for spec in specs)) == len(specs)
+
+
+def test_recipe_rows_train_the_models_of_their_config_files():
+    runs = training.recipe_steps(2, torch.device("cpu"), "no")
+    recipe = make_config(load_toml(training.DIGITS_RECIPE)).model
+    overlay = training.DIGITS_RECIPE.with_name("mnist28-classes.toml")
+    labelled = make_config(load_toml_layers([training.DIGITS_RECIPE, overlay]), data_dir="x").model
+    clustered = runs["28 px gray, mnist28.toml"].gan.generator_core.config
+    assert len(clustered.cluster_shares) == 20 and clustered.g_channels == recipe.g_channels
+    conditional = runs["28 px gray, mnist28.toml, 10 classes"].gan.generator_core.config
+    assert conditional.classes == [str(d) for d in range(10)]
+    # The conditional row's G and D's head are the overlay's (its spectral norm and loss aside).
+    for field in ("g_channels", "g_label_gain", "d_channels", "d_classifier", "resolution"):
+        assert getattr(conditional, field) == getattr(labelled, field), field
+    plain = runs["28 px gray, mnist28.toml without clusters or head"].gan.generator_core.config
+    assert not plain.cluster_shares and not plain.d_classifier and not plain.classes
 
 
 def test_too_few_rounds_are_refused():

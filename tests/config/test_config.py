@@ -165,7 +165,7 @@ def test_config_files_layer_in_order_under_the_flags(tmp_path):
     configs = REPO / "launch" / "configs"
     recipe, overlay = str(configs / "mnist28.toml"), str(configs / "mnist28-classes.toml")
     config = parse_args(["--config", recipe, overlay, "--data-dir", "x", "--batch-size", "8"])
-    assert config.model.resolution == 28 and config.model.g_channels == 96  # the overlay's
+    assert config.model.resolution == 28 and config.model.g_channels == 80  # the recipe's
     assert config.train.loss == "hinge" and config.model.d_spectral_norm  # the overlay's
     assert config.data.labels == "folders" and config.data.clusters == 0  # the overlay's
     assert config.train.r1_gamma == 0.0
