@@ -190,12 +190,13 @@ def recipe_table(section: dict) -> list[str]:
     for name, value in rates.items():
         shapes, median = name.split(",")[0], value["median"]
         base = rates[f"{shapes}, defaults"]["median"]
-        unconditional = name.removesuffix(", 10 classes") if "classes" in name else None
-        plain = rates.get(unconditional)
-        versus = f"{median / plain['median']:.3f}x" if plain else ""
-        bare = rates.get(f"{unconditional} without clusters or head")
-        if bare:  # the recipe's own labels (its clusters) and head cost steps too
-            versus += f" ({median / bare['median']:.3f}x without clusters or head)"
+        versus = ""
+        if name.endswith(", 10 classes"):
+            unconditional = name.removesuffix(", 10 classes")
+            versus = f"{median / rates[unconditional]['median']:.3f}x"
+            bare = rates.get(f"{unconditional} without clusters or head")
+            if bare:  # the recipe's own labels (its clusters) and head cost steps too
+                versus += f" ({median / bare['median']:.3f}x without clusters or head)"
         lines.append(f"| {name} | {median:.1f} | {median / base:.3f}x | {versus} |")
     return lines
 

@@ -1,7 +1,8 @@
 """The benchmark harness (bench/): paired, rotating rounds with medians; the peak-memory figure
 following real allocations; the reference loop's FLOP count (the issue's 2.48 GFLOP per image)
-and the project's leaner step; the trainer's defaults always among the variants; and a quick
-end-to-end run writing its JSON and tables."""
+and the project's leaner step; the trainer's defaults always among the variants; the recipes'
+rows training the models of their config files; and a quick end-to-end run writing its JSON and
+tables."""
 
 import json
 import subprocess
