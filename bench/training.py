@@ -25,6 +25,7 @@ RESOLUTION = 64
 DIGITS_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "configs" / "mnist28.toml"
 # Set by the bench itself, not by a recipe: what the step runs in and on.
 BENCH_FIELDS = ("batch_size", "mixed_precision", "channels_last", "compile")
+DATA_IMAGES = 10_000  # the data set size augment=auto reads: the course's 10,000 digits
 
 
 def fresh_accelerator(mixed_precision: str, device: torch.device) -> Accelerator:
@@ -91,7 +92,7 @@ class TrainerRun:
         options = dict(mixed_precision=precision, channels_last=channels_last, compile=compile)
         self.config = TrainConfig(batch_size=batch_size, **options, **(train_options or {}))
         model = model or ModelConfig(resolution=RESOLUTION)
-        self.gan = build_gan(self.accelerator, model, self.config)
+        self.gan = build_gan(self.accelerator, model, self.config, images=DATA_IMAGES)
         self.real = real_batch(
             batch_size,
             device,

@@ -238,5 +238,5 @@ def tiny_gan(model, real, **train):
 
     accelerator = fresh_accelerator("no", torch.device("cpu"))
     tc = TrainConfig(batch_size=len(real), **train)
-    gan = build_gan(accelerator, model, tc)
+    gan = build_gan(accelerator, model, tc, images=len(real))
     return accelerator, tc, gan, real.contiguous(memory_format=torch.channels_last)

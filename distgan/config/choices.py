@@ -9,7 +9,9 @@ from typing import Literal
 Loss = Literal["bce", "hinge", "wgan-gp"]
 LOSSES = typing.get_args(Loss)
 
-AugmentMode = Literal["none", "diffaugment", "ada"]
+AugmentMode = Literal["none", "diffaugment", "ada", "auto"]
+AppliedAugment = Literal["none", "diffaugment", "ada"]  # what D sees once auto is resolved
+APPLIED_AUGMENTS = typing.get_args(AppliedAugment)
 DiffAugmentOp = Literal["colour", "translation", "cutout"]
 DIFF_OPS: tuple[str, ...] = typing.get_args(DiffAugmentOp)  # the paper's policy: all three
 

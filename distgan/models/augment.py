@@ -28,7 +28,7 @@ from collections.abc import Collection
 import torch
 import torch.nn.functional as F
 
-from distgan.config.choices import DIFF_OPS, AugmentMode
+from distgan.config.choices import APPLIED_AUGMENTS, DIFF_OPS, AppliedAugment
 
 DIFF_TRANSLATION = 1 / 8  # of the image size
 DIFF_CUTOUT = 1 / 2
@@ -230,13 +230,15 @@ class Augment:
 
     def __init__(
         self,
-        mode: AugmentMode,
+        mode: AppliedAugment,
         *,
         diff_ops: Collection[str] = DIFF_OPS,
         target: float = 0.6,
         kimg: float = 100.0,
         device: torch.device | str = "cpu",
     ):
+        if mode not in APPLIED_AUGMENTS:  # auto is resolved by TrainConfig.augment_for
+            raise ValueError(f"augment mode {mode!r}: use one of {', '.join(APPLIED_AUGMENTS)}")
         self.mode, self.diff_ops, self.target, self.kimg = mode, tuple(diff_ops), target, kimg
         self.p = 0.0
         self.real_sign_sum = torch.zeros((), device=device)

@@ -72,11 +72,13 @@ def build_gan(
     model_cfg: ModelConfig,
     tc: TrainConfig,
     start: StartingWeights | None = None,
+    *,
+    images: int,
 ) -> GAN:
     """The same initial G and D on every process (DDP also broadcasts them), in the memory layout
     chosen, with fused Adam: one kernel per step, and it skips a step on the device when told its
     gradients are not finite (`found_inf`). `start` (--init-from): the weights G, D and the EMA
-    start from instead of the init."""
+    start from instead of the init. `images`: the data set's size, which augment=auto reads."""
     set_seed(tc.seed)
     generator, discriminator = Generator(model_cfg), Discriminator(model_cfg)
     if tc.sync_bn and accelerator.num_processes > 1:
@@ -104,7 +106,7 @@ def build_gan(
         generator, discriminator = torch.compile(generator), torch.compile(discriminator)
     models = {"generator": generator, "discriminator": discriminator}
     strengths = dict(diff_ops=tc.diffaugment_ops, target=tc.ada_target, kimg=tc.ada_kimg)
-    augment = Augment(tc.augment, **strengths, device=accelerator.device)
+    augment = Augment(tc.augment_for(images), **strengths, device=accelerator.device)
     return GAN(
         **models, opt_g=opt_g, opt_d=opt_d, generator_core=generator_core, ema=ema, augment=augment
     )

@@ -134,7 +134,7 @@ class Trainer:
     def _build_gan_and_state(self) -> None:
         tc, model_cfg, accelerator = self.cfg.train, self.cfg.model, self.accelerator
         self.global_batch = order.global_batch(accelerator.num_processes, tc.batch_size)
-        self.gan = build_gan(accelerator, model_cfg, tc, self.start)
+        self.gan = build_gan(accelerator, model_cfg, tc, self.start, images=len(self.files))
         num_samples = self.cfg.outputs.num_samples
         self.sample_grid = SampleGrid.fixed(model_cfg, num_samples, tc.seed, accelerator.device)
         if self.resume_from is not None:
@@ -186,13 +186,16 @@ class Trainer:
         self.cfg.save_toml(out_dir / "config.toml")
         setup.announce_resume(out_dir, self.state.step, self.changes, self.note)
         gray = " (as grayscale)" if self.cfg.model.channels == 1 else ""
+        augment = self.gan.augment.mode
+        if tc.augment == "auto":
+            augment += f" (auto: diffaugment up to {tc.augment_auto_max} images)"
         print(
             f"distgan: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
             f"batch {tc.batch_size}/process (global {self.global_batch}), precision "
             f"{accelerator.mixed_precision} ({self.precision.why}), {len(self.files)} images in "
             f"{self.data_dir}{gray}, flips {'on' if self.loader.flip else 'off'}, "
-            f"{self.loader.steps_per_epoch} steps/epoch, steps {self.state.step} -> "
-            f"{self.total_steps}, output {out_dir}",
+            f"{self.loader.steps_per_epoch} steps/epoch, augment {augment}, steps "
+            f"{self.state.step} -> {self.total_steps}, output {out_dir}",
             flush=True,
         )
 

@@ -111,7 +111,9 @@ def test_tiny_digits_run_writes_every_goal(tmp_path):
         "1 epochs: reference FD / recipe FD",
         "2 epochs: class entropy",
     ]
-    assert goals[-1] == "48 digits, 8 steps: none FD / diffaugment FD"
+    # The recipe's augment=auto gives 48 digits DiffAugment: the goal compares that run.
+    assert data["recipe_augment"] == {"48": "diffaugment"}
+    assert goals[-1] == "48 digits, 8 steps: none FD / the recipe's FD (its augment: diffaugment)"
     grids = {p.name for p in (out / path.stem).iterdir()}
     assert {"recipe-10.png", "recipe-20.png", "reference-10.png", "48-none-8.png"} <= grids
     table = path.with_suffix(".md").read_text()

@@ -54,6 +54,14 @@ def test_flips_default_to_colour_images_only():
     assert not parse_args(["--no-flip"]).data.flips_for(3)
 
 
+def test_augment_auto_is_diffaugment_up_to_its_size_and_none_above():
+    train = parse_args(["--augment", "auto", "--augment-auto-max", "1000"]).train
+    assert [train.augment_for(n) for n in (1, 1000, 1001)] == ["diffaugment"] * 2 + ["none"]
+    for mode in ("none", "diffaugment", "ada"):  # a mode named outright holds at any size
+        chosen = parse_args(["--augment", mode, "--augment-auto-max", "10"]).train
+        assert chosen.augment_for(10) == chosen.augment_for(10**6) == mode
+
+
 def test_saved_toml_round_trips(tmp_path):
     config = parse_args(["--crop-box", "25", "50", "128", "128", "--max-steps", "7"])
     config.save_toml(tmp_path / "config.toml")
@@ -81,6 +89,8 @@ def test_every_field_has_a_documented_flag():
         (["--z-distribution", "gauss"], "z_distribution='gauss' is not allowed"),
         (["--lr-d", "0"], "lr_d=0.0 is not allowed"),
         (["--diffaugment-ops", "flip"], "diffaugment_ops=['flip'] is not allowed: use one or"),
+        (["--augment", "always"], "augment='always' is not allowed: use one of none, diffaug"),
+        (["--augment-auto-max", "0"], "augment_auto_max=0 is not allowed: use a finite number"),
         (["--diffaugment-ops", "cutout", "cutout"], "cutout'] is not allowed: use one or more"),
         (["--batch-size", "-4"], "batch_size=-4 is not allowed"),
         (["--max-steps", "0"], "max_steps=0 is not allowed"),
@@ -157,6 +167,9 @@ def test_example_digits_config_loads():
     assert config.model.resolution == 28 and config.data.flip is False
     # Self-conditioned, with D's head on the clusters: no labels needed.
     assert config.data.clusters == 20 and config.model.d_classifier
+    # DiffAugment for a few hundred digits, none for the course's 10,000.
+    assert config.train.augment_for(500) == "diffaugment"
+    assert config.train.augment_for(10_000) == "none"
 
 
 def test_config_files_layer_in_order_under_the_flags(tmp_path):

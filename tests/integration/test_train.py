@@ -4,7 +4,8 @@ autocast on CPU, every loss, and clear errors for bad input; the precision `auto
 kind of GPU, and the deterministic-kernels switch; resuming with changed flags; a progress bar
 that writes a few lines, not hundreds, to a log file; the course's settings (28-256 px at any
 base * 2^k, grayscale, uniform z, Xavier init) from training through export, generate and
-evaluate, and grayscale chosen by itself for a folder of gray images; a folder of JPEG, WebP, BMP
+evaluate, and grayscale chosen by itself for a folder of gray images (the start-up line saying
+what augment=auto chose for its size); a folder of JPEG, WebP, BMP
 and PNG files (a 1x1 one too) trains on every image, counted by format; `--mixed-precision auto`
 under `accelerate launch` follows the launcher's choice (flag or config file) and only that, and
 the start-up line says who chose."""
@@ -238,7 +239,8 @@ def tiny_gan():
 
     accelerator = fresh_accelerator("no", torch.device("cpu"))
     tc = TrainConfig(batch_size=4, channels_last=False)
-    gan = build_gan(accelerator, ModelConfig(resolution=32, g_channels=8, d_channels=8), tc)
+    model = ModelConfig(resolution=32, g_channels=8, d_channels=8)
+    gan = build_gan(accelerator, model, tc, images=4)
     real = torch.rand(4, 3, 32, 32) * 2 - 1
     return accelerator, tc, gan, real
 
@@ -378,9 +380,11 @@ def test_a_folder_of_gray_images_trains_and_resumes_a_gray_model_by_itself(tmp_p
         pixels = rng.integers(0, 256, (40, 40), dtype=np.uint8)
         Image.fromarray(pixels, mode="L").save(folder / f"{i:02d}.png")
     flags = ["--data-dir", folder, "--out-dir", out, *SMALL_GAN, "--g-channels", "8"]
+    flags += ["--augment", "auto", "--augment-auto-max", "15"]
     result = run_train(*flags, "--resolution", "28", "--max-steps", "2", "--num-samples", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(as grayscale), flips off," in result.stdout  # a mirrored glyph is another glyph
+    assert "augment none (auto: diffaugment up to 15 images)," in result.stdout  # 16 here
     generator, meta = load_generator(out)
     assert meta["channels"] == 1 and generator(torch.zeros(2, 100)).shape == (2, 1, 28, 28)
     assert Image.open(out / "samples" / "real.png").mode == "L"
@@ -410,7 +414,8 @@ def test_a_folder_of_mixed_formats_trains_on_every_image(tmp_path):
         f"data: 22 images (13 JPEG, 4 WebP, 4 BMP, 1 PNG) in {folder}; skipped 2 files without "
         "an image extension: notes.txt, thumbs.db"
     ) in result.stdout
-    assert f"22 images in {folder}, flips on, 3 steps/epoch" in result.stdout  # 22 / 8 per batch
+    started = f"22 images in {folder}, flips on, 3 steps/epoch, augment diffaugment,"
+    assert started in result.stdout  # 22 / 8 per batch; the default augmentation
     assert "decoded-image cache: 22 images" in result.stdout
     assert metrics(out)[-1]["images_seen"] == 32
     assert image_array(out / "samples" / "real.png").std() > 5

@@ -5,7 +5,8 @@ and at p = 0 the training step is bitwise the step without augmentation; ADA dra
 image; colour ops act about the grey axis and only brightness and contrast touch one channel;
 results keep the input's dtype and memory format under bf16 autocast and channels-last; the p
 controller rises and falls with the sign of D's real logits, by images / (ada_kimg * 1000),
-within [0, 1]; every loss trains with augmentation; and end to end, ADA's p rises while D
+within [0, 1]; augment=auto trains bitwise as DiffAugment on a data set of up to
+augment_auto_max images and as none on a larger one; every loss trains with augmentation; and end to end, ADA's p rises while D
 overfits 8 images, is logged as aug_p and resumes where it was (bitwise the uninterrupted run),
 DiffAugment runs with the ops asked for and only those act, and augment and its ops can change
 on resume."""
@@ -175,6 +176,16 @@ def test_ada_at_p_zero_trains_bitwise_as_no_augmentation():
     assert all(map(torch.equal, plain, trained_weights(augment="ada")))
     augmented = trained_weights(augment="ada", p=0.5)
     assert not all(map(torch.equal, plain, augmented))
+
+
+def test_auto_trains_as_diffaugment_up_to_its_size_and_as_none_above():
+    small = trained_weights(augment="auto", augment_auto_max=4)  # 4 images: DiffAugment
+    assert all(map(torch.equal, small, trained_weights(augment="diffaugment")))
+    large = trained_weights(augment="auto", augment_auto_max=3)  # more than 3: none
+    assert all(map(torch.equal, large, trained_weights(augment="none")))
+    assert not all(map(torch.equal, small, large))
+    with pytest.raises(ValueError, match="augment mode 'auto': use one of none, diffaugment"):
+        Augment("auto")  # the trainer resolves it first, by the data's size
 
 
 @pytest.mark.parametrize("loss", ["bce", "hinge", "wgan-gp"])

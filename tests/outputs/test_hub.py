@@ -259,7 +259,7 @@ def test_init_from_loads_the_sources_weights_with_fresh_optimizers(trained_run, 
     cfg = config_from_source(make_config(init_from=str(path), channels_last=False), start)
     assert cfg.model == read_trainer_state(final).model
     accelerator = fresh_accelerator("no", torch.device("cpu"))
-    gan = build_gan(accelerator, cfg.model, cfg.train, start)
+    gan = build_gan(accelerator, cfg.model, cfg.train, start, images=16)
     g_source = (
         "hub/model.safetensors"
         if source == "hub"
